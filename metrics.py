@@ -1,0 +1,730 @@
+"""Uni-Med evaluation metrics, written by hand so that they give the official numbers.
+
+The paper's numbers come from the official scripts (eval_vqa.py, eval_ref.py, eval_identify.py,
+eval_caption.py, eval_cls.py, evaluate_metrics.py; spec section 9). They call four libraries; this
+file re-implements each one in plain Python and agrees with it to 1e-6 (tests/test_metrics.py):
+
+  metric                  reference                                  used for
+  normalize_word          evaluate_metrics.py (VQA-API normalisation) every text metric below
+  sentence_bleu           nltk sentence_bleu, no smoothing            VQA, REG (BLEU-1..4)
+  token_f1, accuracies    the official scripts' own code              VQA, REG, CLS
+  corpus_bleu             pycocoevalcap Bleu(4) on PTBTokenizer       RG (report generation)
+  rouge                   `rouge` 1.0.1 (pltrdy) get_scores, F         RG
+  rouge_google            rouge-score (Google) definition, F          (comparison only)
+  meteor                  nltk meteor_score, synonyms off             RG (see below)
+  iou, rec_iou            eval_utils.computeIoU (+1 pixel)            REC
+
+Quirks reproduced on purpose (they define the published numbers):
+  * normalize_word removes at most 32 periods: the official `period_strip.sub("", text, re.UNICODE)`
+    passes re.UNICODE (= 32) as the *count*.
+  * token F1 counts a shared word's *prediction* count as true positives (not the min of the two
+    counts), so "left left" vs "left" scores 1.0.
+  * VQA closed accuracy is 1 when the normalised reference is a *substring* of the normalised
+    prediction ("no" is in "normal"); REG/CLS accuracy is exact equality.
+  * rouge 1.0.1 splits texts into sentences on ".", counts *distinct* n-grams (sets, not
+    multisets), and its ROUGE-L is the summary-level union-LCS over distinct words, with
+    F = 2PR / (P + R + 1e-8). It raises on an empty hypothesis, so the official script skips
+    samples whose normalised prediction or reference is empty; `rouge` does the same.
+  * pycocoevalcap BLEU is corpus-level: clipped n-gram counts and the closest reference length
+    are summed over the corpus, with its tiny=1e-15 / small=1e-9 constants.
+  * nltk sentence_bleu without smoothing returns 0 when no unigram matches, and a precision with
+    zero matches (or a hypothesis shorter than n) becomes sys.float_info.min, so BLEU-n is ~1e-154.
+
+PTB tokenisation (corpus_bleu). pycocoevalcap runs Stanford CoreNLP 3.4.1's PTBTokenizer in Java
+(-preserveLines -lowerCase) and then drops punctuation tokens. `ptb_tokenize` re-creates the part of
+that lexer that survives the punctuation removal: words with inner hyphens/slashes/apostrophes,
+numbers (1,000 / 3.5 / 10:30 / 1/2 / -5), clitics (do n't, it 's, ca n't), cannot/gonna/wanna,
+abbreviations that keep their period (dr. e.g. u.s. vs.), brackets as -lrb- etc. (lower-cased, so
+pycocoevalcap does *not* remove them), runs like "!!" and "**", SGML tags, fraction and currency
+normalisation. Known gaps (rare in reports; identical tokens on the whole test corpus otherwise):
+the full abbreviation lists of the JFlex lexer (we keep the common ones), number+unit splits such
+as "3.5cm" -> "3.5 cm" (we keep "3.5cm"), "a..b", "rock'n'roll", HTML entities, and characters the
+Java lexer silently drops (we drop only characters outside the BMP, e.g. emoji).
+
+METEOR. The official RG metric is pycocoevalcap's Meteor, i.e. Java METEOR 1.5 (`-l en -norm`).
+`meteor` instead equals nltk's meteor_score with synonym matching switched off: exact matching,
+then Porter-stem matching (our PorterStemmer equals nltk's NLTK_EXTENSIONS mode), alpha 0.9,
+beta 3, gamma 0.5, fragmentation penalty over chunks, max over references, mean over samples.
+Java METEOR 1.5 differs in (1) WordNet synonym and paraphrase-table matching, (2) a beam-searched
+alignment that minimises chunks instead of nltk's greedy right-to-left one, (3) tuned parameters
+for English (alpha 0.85, beta 0.20, gamma 0.60, delta 0.75) with function-word weighting, and
+(4) its own text normalisation; its corpus score is also computed from summed statistics, not a
+mean of sentence scores. Measured on the 133 non-empty test pairs of tests/test_metrics.py: Java
+METEOR 1.5 gives 0.2454, ours 0.3953 (+0.15 absolute; nltk's untuned parameters are more lenient),
+so our METEOR is NOT comparable with the paper's column (`python bench/metrics.py --meteor-java`).
+
+Usage: python metrics.py predictions.jsonl  (fields: task, prediction, reference or references,
+answer_type for VQA, box [x, y, w, h] and image_size [W, H] for REC).
+"""
+import json
+import math
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+# -----------------------------------------------------------------------------------------------
+# 1. Answer normalisation (evaluate_metrics.py, copied from the VQA evaluation API)
+
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've",
+    "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
+    "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've",
+    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+         ",", "?", "!"]
+# the official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a (typo'd) look-ahead that is
+# always true, so it means "a period not followed by a digit"
+PERIOD_STRIP = re.compile(r"\.(?!\d)")
+COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+MAX_PERIODS = re.UNICODE  # = 32: the official call passes the flag as `count` (spec section 10)
+
+
+def normalize_word(text):
+    """The official answer normalisation (evaluate_metrics.normalize_word), quirks included."""
+    out = text
+    has_digit_comma = COMMA_STRIP.search(text) is not None
+    for p in PUNCT:
+        # the test looks at the *original* text, the replacement works on the running copy
+        if p + " " in text or " " + p in text or has_digit_comma:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = PERIOD_STRIP.sub("", out, count=MAX_PERIODS)
+    words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
+    return " ".join(words).replace(",", "")
+
+
+def clean_prediction(text):
+    """What the official scripts do to a generated answer before scoring it."""
+    return text.lower().replace("<unk>", "").strip()
+
+
+def _mean(values):
+    # the official np.mean of an empty list is nan; we report 0.0 for an empty selection instead
+    return math.fsum(values) / len(values) if values else 0.0
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Closed-set answers: token F1, accuracies (eval_vqa.py, eval_identify.py, eval_cls.py)
+
+def _prf(reference, prediction):
+    """Official calculate_f1score on two raw strings -> (precision, recall, f1)."""
+    cand = Counter(normalize_word(prediction).split())
+    ref = Counter(normalize_word(reference).split())
+    if not cand or not ref:
+        return 0.0, 0.0, 0.0
+    # official quirk: a shared word adds its prediction count to tp, however often the reference has it
+    tp = sum(c for w, c in cand.items() if w in ref)
+    fp = sum(c for w, c in cand.items() if w not in ref)
+    fn = sum(c for w, c in ref.items() if w not in cand)
+    if tp == 0:
+        return 0.0, 0.0, 0.0
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return precision, recall, 2 * precision * recall / (precision + recall)
+
+
+def token_f1(references, predictions):
+    """Mean token precision / recall / F1 (official definition); best reference per sample."""
+    _check(references, predictions, "token_f1")
+    rows = [max((_prf(r, p) for r in refs), key=lambda s: s[2]) for refs, p in zip(references, predictions)]
+    return {"precision": _mean([r[0] for r in rows]), "recall": _mean([r[1] for r in rows]),
+            "f1": _mean([r[2] for r in rows])}
+
+
+def exact_match(references, predictions):
+    """REG / CLS accuracy: normalised prediction == normalised reference (any reference)."""
+    _check(references, predictions, "exact_match")
+    return _mean([float(any(normalize_word(r) == normalize_word(p) for r in refs))
+                  for refs, p in zip(references, predictions)])
+
+
+def closed_accuracy(references, predictions):
+    """VQA closed-question accuracy as eval_vqa.py computes it: reference is a substring of prediction."""
+    _check(references, predictions, "closed_accuracy")
+    return _mean([float(any(normalize_word(r) in normalize_word(p) for r in refs))
+                  for refs, p in zip(references, predictions)])
+
+
+def yes_no_accuracy(references, predictions):
+    """closed_accuracy restricted to samples whose normalised reference is "yes" or "no"."""
+    _check(references, predictions, "yes_no_accuracy")
+    keep = [(refs, p) for refs, p in zip(references, predictions) if normalize_word(refs[0]) in ("yes", "no")]
+    return closed_accuracy([k[0] for k in keep], [k[1] for k in keep])
+
+
+def _check(references, predictions, name):
+    if len(references) != len(predictions):
+        raise ValueError(f"{name}: {len(references)} reference lists but {len(predictions)} predictions")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or not refs:
+            raise ValueError(f"{name}: references[{i}] must be a non-empty list of strings, got {refs!r}")
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Sentence BLEU (nltk.translate.bleu_score.sentence_bleu, no smoothing), for VQA and REG
+
+BLEU_WEIGHTS = {"bleu1": (1.0, 0.0, 0.0, 0.0), "bleu2": (0.5, 0.5), "bleu3": (1 / 3,) * 3, "bleu4": (0.25,) * 4}
+
+
+def _ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _sentence_bleu(refs, hyp):
+    """All four BLEU-n of one hypothesis token list against its reference token lists."""
+    zero = {k: 0.0 for k in BLEU_WEIGHTS}
+    precisions = []
+    for n in range(1, 5):
+        counts = _ngrams(hyp, n)
+        best = Counter()
+        for ref in refs:
+            best |= _ngrams(ref, n)  # | keeps the max count per n-gram
+        matched = sum(min(c, best[g]) for g, c in counts.items())
+        if n == 1 and matched == 0:
+            return zero  # nltk: no unigram overlap -> BLEU is 0 for every order
+        # nltk method0: a zero precision becomes the smallest float, so log() stays finite
+        precisions.append(matched / max(1, sum(counts.values())) if matched else sys.float_info.min)
+    hyp_len = len(hyp)
+    ref_len = min((len(r) for r in refs), key=lambda L: (abs(L - hyp_len), L))
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return {k: bp * math.exp(math.fsum(w * math.log(p) for w, p in zip(ws, precisions)))
+            for k, ws in BLEU_WEIGHTS.items()}
+
+
+def sentence_bleu(references, predictions):
+    """Mean per-sample BLEU-1..4 on normalize_word tokens (eval_vqa.py / eval_identify.py)."""
+    _check(references, predictions, "sentence_bleu")
+    rows = [_sentence_bleu([normalize_word(r).split() for r in refs], normalize_word(p).split())
+            for refs, p in zip(references, predictions)]
+    return {k: _mean([row[k] for row in rows]) for k in BLEU_WEIGHTS}
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. PTB tokenisation and corpus BLEU (pycocoevalcap), for report generation
+
+# pycocoevalcap drops these after tokenising; "-lrb-" etc. survive because the output is lower-cased
+PTB_PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
+                    "-", "--", "...", ";"}
+# abbreviations the Java lexer keeps together with their period (a common subset of its lists)
+PTB_ABBREV = ("mr|mrs|ms|dr|prof|gen|rep|sen|gov|lt|maj|col|capt|sgt|st|jr|sr|mt|rev|hon|esq|fr|"
+              "inc|corp|co|ltd|bros|plc|vs|cf|etc|al|ave|blvd|rd|jan|feb|mar|apr|jun|jul|aug|sep|"
+              "sept|oct|nov|dec|mon|tue|tues|wed|thu|thur|thurs|fri|sat|sun")
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+PTB_SPLITS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
+              "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me"),
+              "'tis": ("'t", "is"), "'twas": ("'t", "was"), "y'all": ("y'", "all")}
+PTB_CHARS = {"\u00bd": "1/2", "\u00bc": "1/4", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3",
+             "\u20ac": "$", "\u00a3": "#", "\u2026": "...", "\u2014": "--", "\u2013": "--",
+             '"': "''", "\u201c": "``", "\u201d": "''", "\u2018": "`", "\u2019": "'"}
+_AL = r"[^\W_\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2150-\u218f]"  # letters/digits, not ² or ½
+PTB_TOKEN = re.compile(rf"""
+    (?P<space>\s+)
+  | (?P<plain>[A-Za-z]+(?=\s|\Z))
+  | (?P<sgml></?[A-Za-z][^<>\n]*>)
+  | (?P<url>(?:https?|ftp)://\S+|www\.\S+\.[a-z]{{2,}}\S*)
+  | (?P<email>[\w.+-]+@\w[\w-]*(?:\.[\w-]+)+)
+  | (?P<tag>[@#][A-Za-z]\w*)
+  | (?P<acronym>(?:[^\W\d_]\.){{2,}}|[A-Za-z]\.)(?!{_AL})
+  | (?P<abbrev>(?i:{PTB_ABBREV})\.|(?i:no|nos|fig|figs|vol|pp|art|sec|ch|eq)\.(?=\s*\d))(?!{_AL})
+  | (?P<number>\d*\.\d+(?=[^\W\d_])|(?<!{_AL})(?>[-+]?(?:\d+(?:[,.:/]\d+)*|\.\d+))(?!{_AL}|-{_AL}))
+  | (?P<amp>[A-Z]+&[A-Z]+)
+  | (?P<word>'(?:\d0s|em|cause|tis|twas)(?!{_AL})|{_AL}+(?:(?:[-/]|'(?={_AL})){_AL}+)*'?)
+  | (?P<dots>\.{{3,}})
+  | (?P<dashes>--+)
+  | (?P<run>[!?]+|\*+|``|'')
+  | (?P<other>\S)
+""", re.VERBOSE)
+_PTB_TABLE = str.maketrans(PTB_CHARS)
+_PTB_DROP = re.compile("[\U00010000-\U0010ffff\u200b]")
+_CLITIC = re.compile(r"(?i)^(.+?)(n't|'s|'m|'d|'re|'ve|'ll)$")
+
+
+def _ptb_word(word):
+    """Split one word-like token the way PTBLexer does: clitics, cannot, stray apostrophes."""
+    low = word.lower()
+    if "'" not in word and low not in PTB_SPLITS:
+        return [word]
+    if low in PTB_SPLITS:
+        return list(PTB_SPLITS[low])
+    if word.endswith("'") and len(word) > 1:
+        return _ptb_word(word[:-1]) + ["'"]
+    m = _CLITIC.match(word)
+    if m and "'" not in m.group(1):
+        return [m.group(1), m.group(2)]
+    if "'" in word[1:] and not re.fullmatch(r"(?i)[a-z]'[a-z]+|ma'am", word):
+        return [t for part in word.split("'") for t in (part, "'") if t][:-1]
+    return [word]
+
+
+def ptb_tokenize(text):
+    """pycocoevalcap PTBTokenizer on one text: PTB tokens, lower-cased, punctuation tokens removed."""
+    # the Java lexer maps these characters to PTB forms and silently drops ones it cannot lex
+    text = _PTB_DROP.sub("", text).translate(_PTB_TABLE)
+    tokens = []
+    for m in PTB_TOKEN.finditer(text):
+        kind, tok = m.lastgroup, m.group()
+        if kind == "space":  # matched rather than skipped: far faster than failing every rule
+            continue
+        if kind == "sgml":
+            tokens.append(tok.replace(" ", "\u00a0"))
+        elif kind in ("plain", "word"):  # "plain": the fast path for an ordinary word
+            tokens.extend(_ptb_word(tok))
+        elif kind == "dots":
+            tokens.append("...")
+        elif kind == "dashes":
+            tokens.append("--")
+        else:
+            tokens.append(PTB_BRACKETS.get(tok, tok))
+    return " ".join(t for t in (t.lower() for t in tokens) if t not in PTB_PUNCTUATIONS)
+
+
+def _all_ngrams(tokens, n=4):
+    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))
+
+
+def _bleu_stats(refs, hyp, n=4):
+    """pycocoevalcap cook_refs + cook_test for one sample -> (testlen, reflen, guess, correct)."""
+    hyp_len = len(hyp)
+    best = _all_ngrams(refs[0], n)
+    for ref in refs[1:]:
+        best |= _all_ngrams(ref, n)  # | keeps the max count per n-gram
+    correct = [0] * n
+    for g, c in _all_ngrams(hyp, n).items():
+        m = best.get(g)
+        if m:
+            correct[len(g) - 1] += m if m < c else c
+    ref_len = min((abs(len(r) - hyp_len), len(r)) for r in refs)[1]  # "closest"
+    return hyp_len, ref_len, [max(0, hyp_len - k + 1) for k in range(1, n + 1)], correct
+
+
+def corpus_bleu(references, predictions):
+    """pycocoevalcap Bleu(4).compute_score on PTB-tokenised texts -> corpus BLEU-1..4."""
+    _check(references, predictions, "corpus_bleu")
+    tiny, small = 1e-15, 1e-9  # pycocoevalcap's constants: 0 matches still give ~0, never 0/0
+    test_len = ref_len = 0
+    guess, correct = [0] * 4, [0] * 4
+    for refs, pred in zip(references, predictions):
+        t, r, g, c = _bleu_stats([ptb_tokenize(x).split() for x in refs], ptb_tokenize(pred).split())
+        test_len, ref_len = test_len + t, ref_len + r
+        guess = [a + b for a, b in zip(guess, g)]
+        correct = [a + b for a, b in zip(correct, c)]
+    scores, bleu = {}, 1.0
+    ratio = (test_len + tiny) / (ref_len + small)
+    for k in range(4):
+        bleu *= (correct[k] + tiny) / (guess[k] + small)
+        score = bleu ** (1.0 / (k + 1))
+        scores[f"bleu{k + 1}"] = score * math.exp(1 - 1 / ratio) if ratio < 1 else score
+    return scores
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. ROUGE: the `rouge` 1.0.1 package the official script uses, and rouge-score's definition
+
+def _rouge_sentences(text):
+    # rouge 1.0.1: split on ".", keep non-empty pieces, collapse spaces; a piece of only spaces
+    # becomes "" and contributes an empty-string word (reproduced)
+    return [" ".join(s.split()) for s in text.split(".") if len(s) > 0]
+
+
+def _lcs_words(x, y):
+    """Words of the LCS of x and y, traced back exactly like rouge 1.0.1's _recon_lcs."""
+    if not set(x).intersection(y):
+        return []
+    table = [[0] * (len(y) + 1)]
+    for xi in x:
+        prev, row = table[-1], [0]
+        for j, yj in enumerate(y):
+            if xi == yj:
+                row.append(prev[j] + 1)
+            else:
+                up, left = prev[j + 1], row[j]
+                row.append(up if up > left else left)
+        table.append(row)
+    i, j, words = len(x), len(y), []
+    while i and j:
+        if x[i - 1] == y[j - 1]:
+            words.append(x[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words
+
+
+def _f(overlap, hyp_count, ref_count):
+    p = overlap / hyp_count if hyp_count else 0.0
+    r = overlap / ref_count if ref_count else 0.0
+    return 2.0 * ((p * r) / (p + r + 1e-8))
+
+
+def _rouge_pltrdy(reference, prediction):
+    """rouge 1.0.1 Rouge().get_scores(prediction, reference)[0][m]["f"] for rouge-1/2/l."""
+    hyp_s, ref_s = _rouge_sentences(prediction), _rouge_sentences(reference)
+    if not hyp_s or not ref_s:
+        raise ValueError(f"rouge: empty hypothesis or reference ({prediction!r}, {reference!r})")
+    hyp_w = [w for s in hyp_s for w in s.split(" ")]
+    ref_w = [w for s in ref_s for w in s.split(" ")]
+    out = {}
+    for n in (1, 2):  # distinct n-grams over the flattened words (sentence borders ignored)
+        h, r = set(_ngrams(hyp_w, n)), set(_ngrams(ref_w, n))
+        out[f"rouge{n}"] = _f(len(h & r), len(h), len(r))
+    union = set()  # summary-level ROUGE-L: distinct words in the union of per-sentence LCSs
+    for rs in ref_s:
+        rw = rs.split(" ")
+        for hs in hyp_s:
+            union.update(_lcs_words(rw, hs.split(" ")))
+    out["rougeL"] = _f(len(union), len(set(hyp_w)), len(set(ref_w)))
+    return out
+
+
+def _pairs_nonempty(references, predictions):
+    """Normalised (refs, pred) pairs, dropping samples the official rouge loop skips."""
+    for refs, pred in zip(references, predictions):
+        p = normalize_word(pred)
+        rs = [r for r in (normalize_word(r) for r in refs) if r]
+        if p and rs:
+            yield rs, p
+
+
+def rouge(references, predictions):
+    """Mean rouge 1.0.1 F-scores on normalize_word texts (eval_caption.calculate_rouge).
+
+    Samples whose normalised prediction or reference is empty are skipped, as officially.
+    With several references the best F per metric counts (the official data has one).
+    """
+    _check(references, predictions, "rouge")
+    rows = [[_rouge_pltrdy(r, p) for r in rs] for rs, p in _pairs_nonempty(references, predictions)]
+    return {m: _mean([max(s[m] for s in row) for row in rows]) for m in ("rouge1", "rouge2", "rougeL")}
+
+
+_RS_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def _rouge_google_pair(reference, prediction):
+    """rouge-score RougeScorer(["rouge1", "rouge2", "rougeL"]).score(ref, pred) F-measures."""
+    ref = _RS_NON_ALNUM.sub(" ", reference.lower()).split()
+    hyp = _RS_NON_ALNUM.sub(" ", prediction.lower()).split()
+    out = {}
+    for n in (1, 2):  # multiset n-gram overlap (Counter), unlike rouge 1.0.1's sets
+        h, r = _ngrams(hyp, n), _ngrams(ref, n)
+        overlap = sum((h & r).values())
+        p, rc = overlap / max(sum(h.values()), 1), overlap / max(sum(r.values()), 1)
+        out[f"rouge{n}"] = 2 * p * rc / (p + rc) if p + rc > 0 else 0.0
+    lcs = len(_lcs_words(ref, hyp)) if ref and hyp else 0
+    p, rc = (lcs / len(hyp), lcs / len(ref)) if lcs else (0.0, 0.0)
+    out["rougeL"] = 2 * p * rc / (p + rc) if p + rc > 0 else 0.0
+    return out
+
+
+def rouge_google(references, predictions):
+    """Mean rouge-score (Google) F-scores: multiset n-grams, plain LCS, no stemming.
+
+    Same inputs, normalisation and skipped samples as `rouge`, so the two are comparable.
+    """
+    _check(references, predictions, "rouge_google")
+    rows = [[_rouge_google_pair(r, p) for r in rs] for rs, p in _pairs_nonempty(references, predictions)]
+    return {m: _mean([max(s[m] for s in row) for row in rows]) for m in ("rouge1", "rouge2", "rougeL")}
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. METEOR (nltk meteor_score, synonyms off) and the Porter stemmer it uses
+
+class PorterStemmer:
+    """Porter (1980) stemmer with nltk's NLTK_EXTENSIONS, equal to nltk.stem.PorterStemmer()."""
+
+    IRREGULAR = {"skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie",
+                 "news": "news", "innings": "inning", "inning": "inning", "outings": "outing",
+                 "outing": "outing", "cannings": "canning", "canning": "canning", "howe": "howe",
+                 "proceed": "proceed", "exceed": "exceed", "succeed": "succeed"}
+    STEP2 = [("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
+             ("bli", "ble"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"),
+             ("ization", "ize"), ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"),
+             ("fulness", "ful"), ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"),
+             ("fulli", "ful"), ("logi", "log")]
+    STEP3 = [("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""),
+             ("ness", "")]
+    STEP4 = ["al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion", "ou",
+             "ism", "ate", "iti", "ous", "ive", "ize"]
+
+    def __init__(self):
+        self.cache = {}
+
+    @staticmethod
+    def _cons(word):
+        # y is a consonant at the start or after a vowel, a vowel after a consonant
+        flags = []
+        for i, ch in enumerate(word):
+            flags.append(ch not in "aeiou" and (ch != "y" or i == 0 or not flags[i - 1]))
+        return flags
+
+    def _m(self, stem):
+        flags = self._cons(stem)  # measure m = number of VC sequences
+        return sum(1 for a, b in zip(flags, flags[1:]) if not a and b)
+
+    def _vowel(self, stem):
+        return not all(self._cons(stem))
+
+    def _cvc(self, w):
+        f = self._cons(w)
+        return (len(w) >= 3 and f[-3] and not f[-2] and f[-1] and w[-1] not in "wxy") or \
+            (len(w) == 2 and not f[0] and f[1])  # NLTK extension: short words like "at"
+
+    def _double(self, w):
+        return len(w) >= 2 and w[-1] == w[-2] and self._cons(w)[-1]
+
+    def _step1ab(self, w):
+        if w.endswith("ies") and len(w) == 4:
+            w = w[:-3] + "ie"
+        elif w.endswith("sses"):
+            w = w[:-2]
+        elif w.endswith("ies"):
+            w = w[:-2]
+        elif w.endswith("s") and not w.endswith("ss"):
+            w = w[:-1]
+        if w.endswith("ied"):
+            return w[:-3] + ("ie" if len(w) == 4 else "i")
+        if w.endswith("eed"):
+            return w[:-1] if self._m(w[:-3]) > 0 else w
+        for suffix in ("ed", "ing"):
+            if w.endswith(suffix) and self._vowel(w[:-len(suffix)]):
+                s = w[:-len(suffix)]
+                break
+        else:
+            return w
+        if s.endswith(("at", "bl", "iz")):
+            return s + "e"
+        if self._double(s):
+            return s if s[-1] in "lsz" else s[:-1]
+        return s + "e" if self._m(s) == 1 and self._cvc(s) else s
+
+    def _step1c(self, w):
+        if w.endswith("y") and len(w) > 2 and self._cons(w[:-1])[-1]:
+            return w[:-1] + "i"
+        return w
+
+    def _step2(self, w):
+        if w.endswith("alli") and self._m(w[:-4]) > 0:
+            return self._step2(w[:-4] + "al")
+        for suffix, rep in self.STEP2:
+            if w.endswith(suffix):
+                stem = w[:-len(suffix)]
+                # NLTK extension: "logi" tests the measure of the stem including its "l"
+                ok = self._m(w[:-3] if suffix == "logi" else stem) > 0
+                return stem + rep if ok else w
+        return w
+
+    def _step3(self, w):
+        for suffix, rep in self.STEP3:
+            if w.endswith(suffix):
+                stem = w[:-len(suffix)]
+                return stem + rep if self._m(stem) > 0 else w
+        return w
+
+    def _step4(self, w):
+        for suffix in self.STEP4:
+            if w.endswith(suffix):
+                stem = w[:-len(suffix)]
+                ok = self._m(stem) > 1 and (suffix != "ion" or stem[-1:] in ("s", "t"))
+                return stem if ok else w
+        return w
+
+    def _step5(self, w):
+        if w.endswith("e"):
+            m = self._m(w[:-1])
+            if m > 1 or (m == 1 and not self._cvc(w[:-1])):
+                w = w[:-1]
+        if w.endswith("ll") and self._m(w[:-1]) > 1:
+            w = w[:-1]
+        return w
+
+    def stem(self, word):
+        if word in self.cache:
+            return self.cache[word]
+        w = word.lower()
+        if w in self.IRREGULAR:
+            out = self.IRREGULAR[w]
+        elif len(word) <= 2:
+            out = w
+        else:
+            out = self._step5(self._step4(self._step3(self._step2(self._step1c(self._step1ab(w))))))
+        self.cache[word] = out
+        return out
+
+
+STEMMER = PorterStemmer()
+
+
+@dataclass
+class MeteorConfig:
+    alpha: float = 0.9  # precision/recall balance of the harmonic mean
+    beta: float = 3.0  # shape of the fragmentation penalty
+    gamma: float = 0.5  # maximum fragmentation penalty
+
+
+def _match(hyp, ref):
+    """nltk _match_enums: walk the hypothesis right to left, take the last free equal ref word."""
+    positions = {}
+    for j, (_, w) in enumerate(ref):
+        positions.setdefault(w, []).append(j)
+    pairs, used_h, used_r = [], set(), set()
+    for i in range(len(hyp) - 1, -1, -1):
+        free = positions.get(hyp[i][1])
+        if free:
+            j = free.pop()
+            used_h.add(i)
+            used_r.add(j)
+            pairs.append((hyp[i][0], ref[j][0]))
+    return (pairs, [h for i, h in enumerate(hyp) if i not in used_h],
+            [r for j, r in enumerate(ref) if j not in used_r])
+
+
+def _single_meteor(ref_tokens, hyp_tokens, cfg):
+    hyp = list(enumerate(t.lower() for t in hyp_tokens))
+    ref = list(enumerate(t.lower() for t in ref_tokens))
+    exact, hyp_left, ref_left = _match(hyp, ref)  # stage 1: exact
+    stemmed, _, _ = _match([(i, STEMMER.stem(w)) for i, w in hyp_left],  # stage 2: Porter stems
+                           [(j, STEMMER.stem(w)) for j, w in ref_left])
+    matches = sorted(exact + stemmed)
+    if not matches or not hyp or not ref:
+        return 0.0
+    precision, recall = len(matches) / len(hyp), len(matches) / len(ref)
+    fmean = precision * recall / (cfg.alpha * precision + (1 - cfg.alpha) * recall)
+    # chunks: maximal runs of matches adjacent in both hypothesis and reference
+    chunks = 1 + sum(1 for a, b in zip(matches, matches[1:]) if not (b[0] == a[0] + 1 and b[1] == a[1] + 1))
+    return (1 - cfg.gamma * (chunks / len(matches)) ** cfg.beta) * fmean
+
+
+def meteor(references, predictions, cfg=MeteorConfig()):
+    """Mean nltk-style METEOR (exact + stem, no synonyms) on normalize_word tokens; best reference."""
+    _check(references, predictions, "meteor")
+    return _mean([max(_single_meteor(normalize_word(r).split(), normalize_word(p).split(), cfg) for r in refs)
+                  for refs, p in zip(references, predictions)])
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Boxes (eval_ref.py, eval_utils.computeIoU)
+
+def iou(box_a, box_b, pixel_inclusive=True):
+    """IoU of two (x1, y1, x2, y2) pixel boxes.
+
+    pixel_inclusive=True is the official convention (coordinates name pixels, so a box spans
+    x2 - x1 + 1 of them); False gives the continuous-geometry IoU. A box with x2 < x1 or y2 < y1
+    is degenerate and scores 0 (the official formula would multiply two negative sides into a
+    positive area); so does a pair whose union has no area.
+    """
+    ax1, ay1, ax2, ay2 = box_a
+    bx1, by1, bx2, by2 = box_b
+    if ax2 < ax1 or ay2 < ay1 or bx2 < bx1 or by2 < by1:
+        return 0.0
+    e = 1 if pixel_inclusive else 0
+    inter = max(0, min(ax2, bx2) - max(ax1, bx1) + e) * max(0, min(ay2, by2) - max(ay1, by1) + e)
+    union = (ax2 - ax1 + e) * (ay2 - ay1 + e) + (bx2 - bx1 + e) * (by2 - by1 + e) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def rec_iou(pred_grid_box, gt_xywh, image_size, res=100.0, pixel_inclusive=True):
+    """IoU of a parsed prediction on the 0-res grid (or None: unparsable -> 0) against a pixel [x,y,w,h]."""
+    if pred_grid_box is None:
+        return 0.0
+    (w, h), (x1, y1, x2, y2) = image_size, pred_grid_box
+    pred = (x1 / res * w, y1 / res * h, x2 / res * w, y2 / res * h)  # grid -> original pixels
+    gx, gy, gw, gh = gt_xywh
+    return iou(pred, (gx, gy, gx + gw, gy + gh), pixel_inclusive)
+
+
+def recall_at(ious, threshold=0.5):
+    """R@threshold: the share of samples whose IoU is strictly above the threshold (official `>`)."""
+    return _mean([float(v > threshold) for v in ious])
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Command line: score a predictions file
+
+def score_task(task, rows, path="<rows>"):
+    """Metrics of one task from prediction rows (dicts), as the official eval_<task>.py reports them."""
+    preds, refs = [], []
+    for i, row in enumerate(rows):
+        if "prediction" not in row:
+            raise ValueError(f"{path}: row {i} has no 'prediction' field")
+        ref = row.get("references", row.get("reference"))
+        if ref is None and task != "refer":
+            raise ValueError(f"{path}: row {i} has neither 'reference' nor 'references'")
+        preds.append(clean_prediction(str(row["prediction"])))
+        refs.append([ref] if isinstance(ref, str) else ref)
+    if task == "refer":
+        from data import parse_box  # owned by data.py; REC parsing lives with the box format
+        ious = [rec_iou(parse_box(p), row["box"], row["image_size"]) for p, row in zip(preds, rows)]
+        return {"iou": _mean(ious), "r@0.5": recall_at(ious)}
+    if task == "cls":
+        return {"accuracy": exact_match(refs, preds)}
+    if task == "caption":  # the official RG evaluation drops empty predictions / references first
+        keep = [(r, p) for r, p in zip(refs, preds) if p and all(r)]
+        refs, preds = [k[0] for k in keep], [k[1] for k in keep]
+        return {**corpus_bleu(refs, preds), **rouge(refs, preds), "meteor": meteor(refs, preds),
+                "f1": token_f1(refs, preds)["f1"]}
+    out = {**sentence_bleu(refs, preds), **token_f1(refs, preds)}
+    if task == "identify":
+        out["accuracy"] = exact_match(refs, preds)
+    elif task == "vqa":
+        closed = [i for i, row in enumerate(rows) if str(row.get("answer_type", "")).upper() == "CLOSED"]
+        out["closed_accuracy"] = closed_accuracy([refs[i] for i in closed], [preds[i] for i in closed])
+        out["yes_no_accuracy"] = yes_no_accuracy(refs, preds)
+    else:
+        raise ValueError(f"{path}: unknown task {task!r} (vqa, refer, identify, caption, cls)")
+    return out
+
+
+def main(argv):
+    if len(argv) != 1:
+        sys.exit("usage: python metrics.py predictions.jsonl")
+    path, by_task = argv[0], {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    sys.exit(f"{path}: line {i + 1} is not valid JSON: {err}")
+                if "task" not in row:
+                    sys.exit(f"{path}: line {i + 1} has no 'task' field")
+                by_task.setdefault(row["task"], []).append(row)
+    for task, rows in by_task.items():
+        scores = score_task(task, rows, path)
+        print(f"{task} ({len(rows)} samples): " + ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,417 @@
+"""data.py: loaders on the demo miniature, boxes, templates, the mixture, bad data, the demo itself."""
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import types
+from collections import Counter, OrderedDict
+
+import pytest
+import torch
+
+import data
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("demo"))
+    data.make_demo(root, seed=0)
+    return root
+
+
+def copy_of(demo, tmp_path, *parts):
+    """A data root holding only the named part of the demo (for the bad-data tests)."""
+    root = tmp_path / "root"
+    shutil.copytree(os.path.join(demo, *parts), root.joinpath(*parts))
+    return str(root)
+
+
+# -------------------------------------------------------------------------------------------------
+# Every loader reads its miniature
+
+SIZES = {"train": dict(medqa=48, pubmedqa=48, slake_vqa=60, path_vqa=48, mimic_cxr=48, medpix=48, slake_rec=40,
+                       slake_reg=40, sa_med2d_rec=40, sa_med2d_reg=40, dermamnist=48, organsmnist=48),
+         "test": dict(medqa=16, pubmedqa=16, slake_vqa=24, path_vqa=16, mimic_cxr=16, medpix=16, slake_rec=16,
+                      slake_reg=16, sa_med2d_rec=16, sa_med2d_reg=16, dermamnist=18, organsmnist=18)}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_loader_reads_the_demo(demo, split):
+    sets = data.load_datasets(demo, split, train=False)
+    assert {n: len(d) for n, d in sets.items()} == SIZES[split]  # Slake zh rows, MedPix non-captions dropped
+    for name, ds in sets.items():
+        for i in (0, len(ds) - 1):
+            s = ds[i]
+            assert s.dataset == name and s.task == data.TASK_OF[name]
+            assert s.instruction.startswith(f"[{s.task}] ")
+            assert s.answer and s.answer == data.process_text(s.answer)
+            if s.task == "qa":
+                assert s.image is None and s.image_size is None
+            else:
+                assert s.image.mode == "RGB" and s.image.size == s.image_size
+            if s.task == "refer":
+                grid = data.parse_box(s.answer)
+                x, y, w, h = s.box
+                W, H = s.image_size
+                assert grid == (int(x / W * 100), int(y / H * 100), int((x + w) / W * 100), int((y + h) / H * 100))
+            if s.task == "identify":
+                assert data.parse_box(s.instruction.split("location ", 1)[1]) is not None
+            if s.task == "vqa":
+                assert s.answer_type in ("OPEN", "CLOSED")
+
+
+def test_loaders_read_the_official_fields(demo):
+    """Spot checks against the raw files, read here independently of the loaders."""
+    sets = data.load_datasets(demo, "test", train=False)
+    first = json.loads(open(os.path.join(demo, "MedQA/questions/US/test.jsonl")).readline())
+    assert sets["medqa"][0].answer == first["answer"] and first["question"] in sets["medqa"][0].instruction
+    qas = pickle.load(open(os.path.join(demo, "Path-VQA/qas/test_vqa.pkl"), "rb"))
+    s = sets["path_vqa"][1]
+    assert s.answer == list(qas[1]["label"])[0] and s.instruction.endswith(qas[1]["sent"])
+    assert s.answer_type == ("CLOSED" if qas[1]["answer_type"] == "yes/no" else "OPEN")
+    mimic = json.load(open(os.path.join(demo, "MIMIC_caption/annotation_small.json")))["test"]
+    assert sets["mimic_cxr"][3].answer == mimic[3]["report"]
+    (obj, box), = json.load(open(os.path.join(demo, "Slake-VQA/imgs/xmlab500/detection.json")))[1].items()
+    s = sets["slake_rec"][1]
+    assert s.instruction == f"[refer] give me the location of {obj}" and list(s.box) == box
+    import numpy as np
+    labels = np.load(os.path.join(demo, "MedMNIST/organsmnist_224.npz"))["test_labels"]
+    names = ["bladder", "left femur", "right femur", "heart", "left kidney", "right kidney", "liver"]  # spec 7
+    assert [sets["organsmnist"][i].answer for i in range(3)] == [names[int(v)] for v in labels[:3, 0]]
+    assert sets["dermamnist"][0].image.size == (64, 64)  # the loader does not assume 224
+
+
+def test_training_view_joins_medmnist(demo):
+    sets = data.load_datasets(demo, "train")
+    assert set(sets) == set(data.RATIOS) and len(sets["medmnist"]) == 96
+    assert {sets["medmnist"][i].answer for i in range(len(sets["medmnist"]))} == \
+        {"melanoma", "melanocytic nevi", "vascular lesions", "bladder", "heart", "liver"}
+
+
+def test_absent_dataset_skipped_with_one_line_unless_named(demo, tmp_path, capsys):
+    root = copy_of(demo, tmp_path, "MedQA")
+    assert list(data.load_datasets(root, "train")) == ["medqa"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 11 and all("skipping" in line for line in lines)
+    with pytest.raises(FileNotFoundError, match=r"pubmedqa: expected .*PubMedQA/train_set.json"):
+        data.load_datasets(root, "train", names=["pubmedqa"])
+
+
+def test_path_overrides(demo, tmp_path):
+    moved = tmp_path / "elsewhere.jsonl"
+    shutil.copy(os.path.join(demo, "MedQA/questions/US/test.jsonl"), moved)
+    sets = data.load_datasets(str(tmp_path), "test", names=["medqa"], paths={"medqa.questions": str(moved)})
+    assert len(sets["medqa"]) == 16
+    with pytest.raises(ValueError, match="unknown data path override 'medqa.nope'"):
+        data.load_datasets(str(tmp_path), "test", paths={"medqa.nope": "x"})
+
+
+# -------------------------------------------------------------------------------------------------
+# Text processing, boxes
+
+def test_process_text():
+    assert data.process_text("  a   b \t\n c  ") == "a b c"
+    assert data.process_text("a\tb") == "a\tb"  # a single whitespace character is kept, as officially
+    long = " ".join(f"w{i}" for i in range(60))
+    assert data.process_text(long).split(" ") == [f"w{i}" for i in range(50)]
+    assert data.process_text("Keep Case.") == "Keep Case."
+
+
+def test_box_to_text_hand_checked():
+    assert data.box_to_text([10, 20, 30, 40], (200, 100)) == "{<5><20><20><60>}"
+    assert data.box_to_text([1, 1, 1, 1], (3, 3)) == "{<33><33><66><66>}"  # truncated, never rounded up
+    assert data.box_to_text([0, 0, 64, 64], (64, 64)) == "{<0><0><100><100>}"
+    assert data.box_to_text([6, 5, 27, 21], (80, 64)) == "{<7><7><41><40>}"  # 7.5, 7.8, 41.25, 40.6
+
+
+def test_box_round_trip():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        W, H = (int(v) for v in torch.randint(20, 1000, (2,), generator=g))
+        x, y = int(torch.randint(0, W - 5, (1,), generator=g)), int(torch.randint(0, H - 5, (1,), generator=g))
+        w, h = int(torch.randint(1, W - x, (1,), generator=g)), int(torch.randint(1, H - y, (1,), generator=g))
+        x1, y1, x2, y2 = data.parse_box(data.box_to_text([x, y, w, h], (W, H)))
+        # back to pixels as evaluation does: within one grid cell of the truth
+        assert 0 <= x - x1 * W / 100 < W / 100 and 0 <= y - y1 * H / 100 < H / 100
+        assert 0 <= x + w - x2 * W / 100 < W / 100 and 0 <= y + h - y2 * H / 100 < H / 100
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{<1><2><3><4>}", (1, 2, 3, 4)),
+    ("{<10><20><100><99>}", (10, 20, 100, 99)),
+    ("{ <1> <2><3> <4> }", (1, 2, 3, 4)),            # spaces are removed first
+    ("{<1><2><3><4>} is the liver {<9><9><9><9>}", (1, 2, 3, 4)),  # text after is ignored
+    ("<unk>{<1><2><3><4>}", (1, 2, 3, 4)),
+    ("<1><2><3><4>}", None),                         # missing opening brace
+    ("{<1><2><3><4>", None),                         # missing closing brace
+    ("{<1000><2><3><4>}", None),                     # 4 digits
+    ("{<1><2><3>}", None),                           # fewer than 4 numbers
+    ("the box is {<1><2><3><4>}", None),             # must start with the box
+    ("", None),
+])
+def test_parse_box(text, expected):
+    assert data.parse_box(text) == expected
+
+
+# -------------------------------------------------------------------------------------------------
+# Templates, copied from the spec (section 5)
+
+SPEC_TEMPLATES = {
+    "medqa": ["[qa] {}", "[qa] If you are a doctor, please answer the following question briefly: {}"],
+    "pubmedqa": ["[qa] {}",
+                 "[qa] If you are a doctor, please answer the following question using 'yes', 'no' or 'maybe': {}"],
+    "slake_vqa": ["[vqa] {}", "[vqa] Based on the image, respond to this question with a short answer: {}"],
+    "mimic_cxr": ["[caption] " + t for t in [
+        "Describe the given chest x-ray image in detail.",
+        "Take a look at this chest x-ray and describe the findings and impression.",
+        "Could you provide a detailed description of the given x-ray image?",
+        "Describe the given chest x-ray image as detailed as possible.",
+        "What are the key findings in this chest x-ray image?"]],
+    "medpix": ["[caption] " + t for t in [
+        "Describe this input image.", "Help captioning the image.", "What can be inflected from the scan?",
+        "Can you give a caption for this image?", "Can you provide a brief summary of the radiology image?",
+        "Please write a report about the image?", "Can you provide an analysis of this image?",
+        "Can you explain what is shown in this image?", "What can be indicated from the radiologic scans?",
+        "What can you infer from this photograph?"]],
+    "slake_rec": ["[refer] {}", "[refer] give me the location of {}", "[refer] where is {} ?",
+                  "[refer] from this image, tell me the location of {}", "[refer] the location of {} is",
+                  "[refer] could you tell me the location for {} ?", "[refer] where can I locate the {} ?"],
+    "slake_reg": ["[identify] {}", "[identify] what object is in this location {}",
+                  "[identify] identify the object present at this location {}", "[identify] what is it in {}",
+                  "[identify] describe this object in {}", "[identify] this {} is",
+                  "[identify] the object in {} is"],
+}
+SPEC_TEMPLATES.update(path_vqa=SPEC_TEMPLATES["slake_vqa"], sa_med2d_rec=SPEC_TEMPLATES["slake_rec"],
+                      sa_med2d_reg=SPEC_TEMPLATES["slake_reg"])
+SPEC_EVAL = {
+    "slake_vqa": "[vqa] Based on the image, respond to this question with a short answer: {}",
+    "path_vqa": "[vqa] Based on the image, respond to this question with a short answer: {}",
+    "mimic_cxr": "[caption] Describe the given chest x-ray image in detail. ",
+    "medpix": "[caption] Describe this input image. ",
+    "slake_rec": "[refer] give me the location of {}", "sa_med2d_rec": "[refer] give me the location of {}",
+    "slake_reg": "[identify] what object is in this location {}",
+    "sa_med2d_reg": "[identify] what object is in this location {}",
+}
+SPEC_CLS = {
+    "dermamnist": "[cls] Which category does this multi-source dermatoscopic image of common pigmented skin "
+                  "lesions belong to: actinic keratoses and intraepithelial carcinoma, basal cell carcinoma, benign "
+                  "keratosis-like lesions, dermatofibroma, melanoma, melanocytic nevi, or vascular lesions?",
+    "organsmnist": "[cls] Which category does this CT image belong to: bladder, left femur, right femur, heart, "
+                   "left kidney, right kidney, liver, left lung, right lung, pancreas, or spleen?",
+}
+
+
+def test_templates_match_the_spec(demo):
+    for name, templates in SPEC_TEMPLATES.items():
+        assert data.TEMPLATES[name][0] == templates, name
+    for name, template in SPEC_EVAL.items():
+        assert data.TEMPLATES[name][1] == template, name
+    sets = data.load_datasets(demo, "test", train=False)
+    for name, question in SPEC_CLS.items():  # training and evaluation alike: one fixed question
+        assert sets[name].get(0).instruction == sets[name].get(0, 0).instruction == question
+    s = sets["mimic_cxr"].get(0, 3)
+    assert s.instruction == "[caption] Describe the given chest x-ray image as detailed as possible."
+    s = sets["sa_med2d_reg"].get(0, 5)
+    assert s.instruction == f"[identify] this {data.box_to_text(s.box, s.image_size)} is"
+
+
+# -------------------------------------------------------------------------------------------------
+# The mixture
+
+class Fake:
+    """A dataset stand-in: len, templates and get(i, template) are all the Mixture uses."""
+    def __init__(self, name, n, templates=3):
+        self.name, self.n, self.templates = name, n, [None] * templates
+
+    def __len__(self):
+        return self.n
+
+    def get(self, i, template=None):
+        return (self.name, i, template)
+
+
+def test_mixture_proportions_follow_the_ratios():
+    sets = {n: Fake(n, 40) for n in data.RATIOS}
+    mix = data.Mixture(sets, data.RATIOS, batch_size=4, seed=1)
+    counts = Counter(mix.next_batch()[0][0] for _ in range(20000))
+    total = sum(data.RATIOS.values())
+    for name, ratio in data.RATIOS.items():
+        assert abs(counts[name] / 20000 - ratio / total) < 0.01, (name, counts[name])
+
+
+def test_mixture_epochs_without_replacement_and_uniform_templates():
+    mix = data.Mixture({"medqa": Fake("medqa", 10, templates=2)}, {"medqa": 1}, batch_size=4, seed=0)
+    epochs = [[b for _ in range(2) for b in mix.next_batch()] for _ in range(50)]  # 10 // 4 = 2 batches
+    for seen in epochs:
+        assert len({i for _, i, _ in seen}) == 8  # drop_last: 8 distinct of 10 per epoch
+    assert len({tuple(i for _, i, _ in e) for e in epochs}) > 40  # reshuffled every epoch
+    templates = Counter(t for e in epochs for _, _, t in e)
+    assert set(templates) == {0, 1} and abs(templates[0] - templates[1]) < 0.15 * 800
+
+
+def test_mixture_resumes_exactly(demo, tmp_path):
+    def run():
+        return data.Mixture(data.load_datasets(demo, "train"), data.RATIOS, batch_size=4, seed=7)
+    key = lambda batch: [(s.id, s.instruction, s.answer) for s in batch]
+    a = run()
+    for _ in range(150):
+        a.next_batch()
+    assert max(a.state_dict()["epoch"]) >= 1  # the resume point lies past an epoch boundary
+    torch.save(a.state_dict(), tmp_path / "mix.pt")
+    expected = [key(a.next_batch()) for _ in range(60)]
+    b = run()
+    b.load_state_dict(torch.load(tmp_path / "mix.pt", weights_only=True))
+    assert [key(b.next_batch()) for _ in range(60)] == expected
+    assert len({batch[0][0].split("/")[0] for batch in expected}) > 5  # many datasets took part
+    fresh = run()
+    assert [key(fresh.next_batch()) for _ in range(5)] != expected[:5]
+    with pytest.raises(ValueError, match="'seed' is 7 in the checkpoint but 8"):
+        data.Mixture(data.load_datasets(demo, "train"), data.RATIOS, seed=8).load_state_dict(a.state_dict())
+
+
+def test_mixture_batches_come_from_one_dataset(demo):
+    mix = data.Mixture(data.load_datasets(demo, "train"), data.RATIOS, batch_size=4, seed=3)
+    for _ in range(30):
+        batch = mix.next_batch()
+        assert len({s.task for s in batch}) == 1 and len(batch) == 4
+
+
+# -------------------------------------------------------------------------------------------------
+# Batching
+
+def test_collate(demo, monkeypatch):
+    try:
+        import vision  # noqa: F401
+    except ImportError:  # vision.py not written yet: a stand-in with its contract
+        fake = types.ModuleType("vision")
+        fake.preprocess = lambda image, size=224: torch.zeros(3, size, size)
+        monkeypatch.setitem(sys.modules, "vision", fake)
+    sets = data.load_datasets(demo, "test", train=False)
+    batch = data.collate([sets["slake_rec"][i] for i in range(4)], image_size=32)
+    assert batch.images.shape == (4, 3, 32, 32) and batch.task == "refer"
+    assert batch.answers == [sets["slake_rec"][i].answer for i in range(4)]
+    qa = data.collate([sets["pubmedqa"][i] for i in range(3)])
+    assert qa.images is None and qa.task == "qa" and len(qa.instructions) == 3
+    with pytest.raises(ValueError, match="one task"):
+        data.collate([sets["pubmedqa"][0], sets["slake_rec"][0]])
+
+
+# -------------------------------------------------------------------------------------------------
+# Bad data: every error names the file and the row
+
+def test_malformed_rows(demo, tmp_path):
+    root = copy_of(demo, tmp_path, "MedQA")
+    path = os.path.join(root, "MedQA/questions/US/train.jsonl")
+    lines = open(path).read().splitlines()
+    open(path, "w").write("\n".join([lines[0], json.dumps({"question": "q"})] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl, row 1: malformed row, missing key 'answer'"):
+        data.load_datasets(root, "train", names=["medqa"])
+    open(path, "w").write(lines[0] + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"train.jsonl, row 1: malformed row, not JSON"):
+        data.load_datasets(root, "train", names=["medqa"])
+
+
+def test_malformed_region_and_missing_file(demo, tmp_path):
+    root = copy_of(demo, tmp_path, "Slake-VQA")
+    path = os.path.join(root, "Slake-VQA/imgs/xmlab3/detection.json")
+    json.dump([{"tumor": [1, 2, 3]}], open(path, "w"))
+    with pytest.raises(ValueError, match=r"xmlab3/detection.json, row 0: malformed row, box of 'tumor'"):
+        data.load_datasets(root, "train", names=["slake_rec"])
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match=r"slake_rec: expected the region file of xmlab3 at .*xmlab3/detect"):
+        data.load_datasets(root, "train", names=["slake_rec"])
+
+
+def test_box_outside_the_image(demo, tmp_path):
+    root = copy_of(demo, tmp_path, "SA-Med2D-20M")
+    region_dir = os.path.join(root, "SA-Med2D-20M/regions_small_test/ct")
+    file = sorted(os.listdir(region_dir))[0]
+    json.dump([{"liver": [50, 10, 30, 10]}], open(os.path.join(region_dir, file), "w"))  # 50 + 30 > 64
+    ds = data.load_datasets(root, "test", names=["sa_med2d_rec"])["sa_med2d_rec"]
+    with pytest.raises(ValueError, match=rf"{file}, row 0: box .* outside the 64x64 image"):
+        ds[0]
+
+
+def test_unreadable_and_missing_image(demo, tmp_path):
+    root = copy_of(demo, tmp_path, "Slake-VQA")
+    image = os.path.join(root, "Slake-VQA/imgs/xmlab0/source.jpg")
+    open(image, "wb").write(b"not a jpeg")
+    ds = data.load_datasets(root, "train", names=["slake_vqa"])["slake_vqa"]
+    with pytest.raises(ValueError, match=r"cannot read image .*xmlab0/source.jpg \(.*question.json, row 0\)"):
+        ds[0]
+    os.remove(image)
+    with pytest.raises(FileNotFoundError, match=r"image of .*question.json, row 0 not found at .*xmlab0/source"):
+        ds[0]
+
+
+def test_path_vqa_pickle_refuses_globals(demo, tmp_path):
+    root = copy_of(demo, tmp_path, "Path-VQA")
+    path = os.path.join(root, "Path-VQA/qas/train_vqa.pkl")
+    rows = pickle.load(open(path, "rb"))
+    rows[0]["label"] = OrderedDict(rows[0]["label"])  # harmless, but a global all the same
+    pickle.dump(rows, open(path, "wb"))
+    with pytest.raises(pickle.UnpicklingError, match=r"train_vqa.pkl: refused global 'collections.OrderedDict'"):
+        data.load_datasets(root, "train", names=["path_vqa"])
+    rows[0]["label"] = {}
+    pickle.dump(rows, open(path, "wb"), protocol=2)  # old protocol: plain containers still load
+    with pytest.raises(ValueError, match=r"train_vqa.pkl, row 0: malformed row, 'label'"):
+        data.load_datasets(root, "train", names=["path_vqa"])
+
+
+def test_mimic_rows_without_image_are_skipped(demo, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(os.path.join(demo, "MIMIC_caption"), root / "MIMIC_caption")
+    shutil.copytree(os.path.join(demo, "MIMIC-CXR-JPG"), root / "MIMIC-CXR-JPG")
+    first = json.load(open(root / "MIMIC_caption/annotation_small.json"))["test"][0]["image_path"][0]
+    os.remove(root / "MIMIC-CXR-JPG/2.0.0/files" / first)
+    assert len(data.load_datasets(str(root), "test", names=["mimic_cxr"])["mimic_cxr"]) == 15
+    assert "skipped 1 rows" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------
+# The demo itself
+
+def tree(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(d, f)
+            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def test_make_demo_is_deterministic(demo, tmp_path):
+    data.make_demo(str(tmp_path / "again"), seed=0)
+    assert tree(str(tmp_path / "again")) == tree(demo)
+    assert not any(f.endswith(".tmp") for f in tree(demo))
+    data.make_demo(str(tmp_path / "other"), seed=1)
+    other = tree(str(tmp_path / "other"))
+    assert other != tree(demo)
+
+
+def test_demo_train_and_test_are_disjoint(demo):
+    train = data.load_datasets(demo, "train", train=False)
+    test = data.load_datasets(demo, "test", train=False)
+    for name in data.DATASETS:
+        a = [train[name][i] for i in range(len(train[name]))]
+        b = [test[name][i] for i in range(len(test[name]))]
+        assert not {s.id for s in a} & {s.id for s in b}, name
+        if name in ("medqa", "pubmedqa"):
+            assert not {s.instruction for s in a} & {s.instruction for s in b}, name
+        else:
+            pixels = lambda ss: {hashlib.sha256(s.image.tobytes()).hexdigest() for s in ss}
+            assert not pixels(a) & pixels(b), name
+    # balanced classes, so chance is what DEMO_CHANCE says
+    answers = Counter(test["dermamnist"][i].answer for i in range(18))
+    assert sorted(answers.values()) == [6, 6, 6]
+    assert set(data.DEMO_CHANCE) == set(data.DATASETS)
+
+
+def test_demo_text_covers_templates_and_answers(demo):
+    text = "\n".join(data.demo_text(demo))
+    for name in data.DATASETS:
+        for template in data.TEMPLATES[name][0]:
+            assert template.replace("{}", " ").strip() in text
+    assert "melanocytic nevi" in text and "pleural effusion" in text and "{<" in text

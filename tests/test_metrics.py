@@ -1,0 +1,300 @@
+"""metrics.py against the reference libraries the official evaluation calls, to 1e-6.
+
+References (test-only imports): pycocoevalcap Bleu + PTBTokenizer (Java, called once for the whole
+corpus), nltk sentence_bleu / meteor_score / PorterStemmer, rouge 1.0.1, rouge-score.
+"""
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import metrics as M
+
+TOL = 1e-6
+
+HAND = [  # (reference, prediction): edge cases
+    ("The heart size is normal.", "The heart size is normal."),  # identical
+    ("no pleural effusion", ""),  # empty prediction
+    ("Lungs are clear.", "Osseous structures intact"),  # no overlap
+    ("...", "?!"),  # punctuation only
+    ("The heart is enlarged.", "..."),
+    ("3.5 cm nodule in the right upper lobe, 1,200 mL.", "A 3.5 cm nodule in the right lobe; 1,200 ml"),
+    ("There's no pneumothorax and the lungs aren't hyperinflated.", "there is no pneumothorax. lungs are not hyperinflated"),
+    ("I can't see it, don't you?", "we cannot see it, dont you"),
+    ("left left left lung", "left lung lung lung"),  # repeated words
+    ("the the the the", "the the"),
+    ("Naïve café résumé: µm-sized lésion, 5°C.", "naive cafe resume: um sized lesion 5 °c"),  # unicode
+    ("Left-sided PICC line (tip at the cavoatrial junction) is unchanged.", "left sided picc line [tip at cavoatrial junction] unchanged"),
+    ('"Quoted" text and \'single quotes\' -- with dashes ... and ellipsis', "quoted text - with dashes and ellipsis..."),
+    ("Dr. Smith saw the pt. at 10:30 a.m. on 12/05/2020, e.g. U.S. rules.", "dr. smith saw the pt at 10:30 a.m. e.g. us rules"),
+    ("one two three four five six seven eight nine ten", "1 2 3 4 5 6 7 8 9 10"),  # number words
+    ("yes", "yes"), ("no", "yes"), ("yes", "yes, there is"), ("no", "normal"),
+    ("abdomen", "abdomen"), ("liver", "the liver and spleen"), ("ct", "mri"),
+    ("T2-weighted MRI shows C3-C4 disc bulge (L>R), s/p CABG.", "t2 weighted mri: c3-c4 disc bulge, status post cabg"),
+    ("Approx. 2 cm; cf. prior study.", "approximately 2 cm compared with prior"),
+    ("heart", "heart heart heart heart heart"),
+    ("a b c d e", "a b c d e f g h"),
+    ("x", "x y"),  # hypothesis shorter than n-gram orders
+    ("the lung", "lung"),
+    ("1. no acute process. 2. stable cardiomegaly.", "1. stable cardiomegaly. 2. no acute process."),
+    ("Pt's hx of CHF; r/o PNA w/o contrast.", "patient's history of chf, rule out pna without contrast"),
+    ("The U.S.A. and U.K. rules.", "U.S.A. rules"),
+    ("It's 50% smaller, +/- 2 mm, ~3x larger, >= 5 units", "its 50 % smaller +/- 2mm about 3x larger >=5 units"),
+    ("Sentence one. Sentence two. Sentence three.", "sentence two. sentence one."),
+    (" ".join(["no focal consolidation pleural effusion or pneumothorax."] * 30),  # very long reports
+     " ".join(["no focal consolidation or pneumothorax is seen heart size normal."] * 25)),
+]
+
+VOCAB = ("heart size normal enlarged lungs lung clear no focal consolidation pleural effusion pneumothorax "
+         "the a an of is are there mild moderate severe left right upper lower lobe opacity opacities "
+         "atelectasis cardiomegaly stable unchanged compared prior study tube line tip catheter "
+         "mediastinal contours within limits degenerative changes spine thoracic bibasilar edema "
+         "pulmonary vascular congestion nodule mass cm mm 3.5 1,200 2 one two don't isn't it's patient's "
+         "left-sided well-defined x-ray ap/pa s/p status post effusions consolidations studies").split()
+PUNCTS = [".", ",", ";", ":", "!", "?", " (", ")", " -", "...", '"', "'"]
+
+
+def _generated(n, seed=0):
+    rng = random.Random(seed)
+
+    def text():
+        out = []
+        for _ in range(rng.randint(1, 40)):
+            out.append(rng.choice(VOCAB))
+            if rng.random() < 0.15:
+                out[-1] += rng.choice(PUNCTS)
+        s = " ".join(out)
+        return s.capitalize() if rng.random() < 0.5 else s
+
+    pairs = []
+    for _ in range(n):
+        ref = text()
+        words = ref.split()
+        pred = " ".join(w for w in words if rng.random() < 0.7) + " " + text() if rng.random() < 0.6 else text()
+        pairs.append((ref, pred.strip()))
+    return pairs
+
+
+PAIRS = HAND + _generated(100)
+REFS = [[r] for r, _ in PAIRS]
+PREDS = [p for _, p in PAIRS]
+
+
+def test_corpus_size():
+    assert len(PAIRS) >= 100
+
+
+# --- normalisation, F1, accuracies (official code; hand-checked) ---------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("The Heart.", "heart"),
+    ("Yes, there is!", "yes there is"),  # ", " touches a space -> deleted; "!" replaced by space
+    ("left-sided", "left sided"),  # no space next to "-" -> replaced by a space
+    ("1,000 left-sided", "1000 leftsided"),  # a digit-comma-digit anywhere deletes every mark
+    ("3.5 cm. two nodules", "3.5 cm 2 nodules"),
+    ("dont isnt youre", "don't isn't you're"),
+    ("none of the three", "0 of 3"),
+    ("an apple a day", "apple day"),
+    ("." * 40 + "x", "." * 8 + "x"),  # at most 32 periods removed (re.UNICODE passed as count)
+])
+def test_normalize_word(text, expected):
+    assert M.normalize_word(text) == expected
+
+
+def test_token_f1_official_quirk():
+    # the official tp adds the prediction's count of a shared word: "left left" vs "left" is perfect
+    assert M.token_f1([["left"]], ["left left"])["f1"] == pytest.approx(1.0)
+    p, r, f = 2 / 3, 2 / 2, 2 * (2 / 3) / (2 / 3 + 1)
+    assert M.token_f1([["left lung"]], ["left lung base"]) == pytest.approx({"precision": p, "recall": r, "f1": f})
+    assert M.token_f1([["x"]], [""])["f1"] == 0.0 and M.token_f1([["x"]], ["y"])["f1"] == 0.0
+
+
+def test_accuracies():
+    refs, preds = [["no"], ["yes"], ["liver"], ["The liver"]], ["normal", "yes.", "liver, spleen", "liver"]
+    assert M.closed_accuracy(refs, preds) == pytest.approx(1.0)  # "no" is a substring of "normal"
+    assert M.exact_match(refs, preds) == pytest.approx(0.5)
+    assert M.yes_no_accuracy(refs, preds) == pytest.approx(1.0)
+    assert M.yes_no_accuracy([["no"]], ["yes"]) == 0.0
+
+
+# --- BLEU --------------------------------------------------------------------------------------
+
+def test_sentence_bleu_matches_nltk():
+    import warnings
+    from nltk.translate.bleu_score import sentence_bleu
+    weights = {"bleu1": (1, 0, 0, 0), "bleu2": (1 / 2, 1 / 2), "bleu3": (1 / 3, 1 / 3, 1 / 3), "bleu4": (1 / 4,) * 4}
+    expected = {k: 0.0 for k in weights}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nltk warns about zero n-gram counts
+        for (ref, pred) in PAIRS:
+            r, p = M.normalize_word(ref).split(), M.normalize_word(pred).split()
+            ours = M.sentence_bleu([[ref]], [pred])
+            for k, w in weights.items():
+                want = sentence_bleu([r], p, weights=w)
+                assert ours[k] == pytest.approx(want, abs=TOL), (k, ref, pred)
+                expected[k] += want / len(PAIRS)
+    assert M.sentence_bleu(REFS, PREDS) == pytest.approx(expected, abs=TOL)
+
+
+@pytest.fixture(scope="module")
+def java_ptb():
+    """pycocoevalcap's PTBTokenizer (Java) run once on every text of the corpus."""
+    if shutil.which("java") is None:
+        pytest.skip("java is not installed (pycocoevalcap's PTBTokenizer needs it)")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    texts = [t for pair in PAIRS for t in pair] + PTB_EXTRA
+    out = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    return {t: out[i][0] for i, t in enumerate(texts)}
+
+
+PTB_EXTRA = [
+    "There's no focal consolidation; lungs aren't hyperinflated, can't see it. I'm sure we'll do it, don't you?",
+    "Left-sided PICC line (tip at the cavoatrial junction) is unchanged: 3.5 cm, 1,000 mL, 12/05/2020 at 10:30 a.m.",
+    "\"Quoted\" text and 'single quotes' with `backticks` and -- dashes ... ellipsis... etc.",
+    "Naïve café résumé — em dash – en dash “curly” ‘quotes’ … 5° 10×20 μm ½ €5",
+    "e-mail: john.doe@example.com {braces} [brackets] & 50% $5 #3 +/- 1/2 3/4 a/b !! ?! **",
+    "U.S. Dr. Mr. etc. vs. e.g. i.e. No. 5 Fig. 3B T12-L1 C3-4 x-ray 2.5x3.0cm AP/PA p.o. q.d.",
+    "cannot gonna wanna gotta 'tis y'all o'clock '90s its' James' hello'world",
+    "-5 +5 .5 5. 5.0. -0.5 1,000,000 1.2.3 3-4 3/4/5 10:30:45 1st 2nd 1990s 5mm 5-mm 2x3 2*3 ~5 >5 <5 =5",
+    "jan. feb. mon. sept. ave. blvd. jr. inc. co. st. prof. mt. gen. cf. fig. the no. the pt. dx. mm.",
+    "-x x- x-- --x x--y (x) <b>bold</b> x|y x\\y ^x ø æ ß ñ αβγ 10μm ±2 x² · • → ©",
+]
+
+
+def test_ptb_tokenize_matches_java(java_ptb):
+    wrong = [(t, java_ptb[t], M.ptb_tokenize(t)) for t in java_ptb if M.ptb_tokenize(t) != java_ptb[t]]
+    assert not wrong, "\n".join(f"{t!r}\n  java: {j!r}\n  ours: {o!r}" for t, j, o in wrong)
+
+
+def test_corpus_bleu_matches_pycocoevalcap(java_ptb):
+    from pycocoevalcap.bleu.bleu import Bleu
+    gts = {i: [java_ptb[r]] for i, (r, _) in enumerate(PAIRS)}
+    res = {i: [java_ptb[p]] for i, (_, p) in enumerate(PAIRS)}
+    for subset in (range(len(PAIRS)), range(0, len(PAIRS), 7), [0], [2]):
+        want, _ = Bleu(4).compute_score({i: gts[i] for i in subset}, {i: res[i] for i in subset}, verbose=0)
+        ours = M.corpus_bleu([REFS[i] for i in subset], [PREDS[i] for i in subset])
+        assert [ours[f"bleu{k}"] for k in range(1, 5)] == pytest.approx(want, abs=TOL)
+    # several references per sample: closest reference length and max clipped counts
+    refs = [[PAIRS[i][0], PAIRS[i + 1][0]] for i in range(0, 40, 2)]
+    preds = [PAIRS[i][1] for i in range(0, 40, 2)]
+    want, _ = Bleu(4).compute_score({i: [java_ptb[r] for r in rs] for i, rs in enumerate(refs)},
+                                    {i: [java_ptb[p]] for i, p in enumerate(preds)}, verbose=0)
+    ours = M.corpus_bleu(refs, preds)
+    assert [ours[f"bleu{k}"] for k in range(1, 5)] == pytest.approx(want, abs=TOL)
+
+
+# --- ROUGE -------------------------------------------------------------------------------------
+
+def test_rouge_matches_rouge_1_0_1():
+    from rouge import Rouge
+    scores = {"rouge1": [], "rouge2": [], "rougeL": []}
+    for ref, pred in PAIRS:
+        r, p = M.normalize_word(ref), M.normalize_word(pred)
+        if not r or not p:
+            continue  # the official loop skips these (the library raises)
+        want = Rouge().get_scores(p, r)[0]
+        ours = M.rouge([[ref]], [pred])
+        for k, lib in (("rouge1", "rouge-1"), ("rouge2", "rouge-2"), ("rougeL", "rouge-l")):
+            assert ours[k] == pytest.approx(want[lib]["f"], abs=TOL), (k, ref, pred)
+            scores[k].append(want[lib]["f"])
+    assert M.rouge(REFS, PREDS) == pytest.approx({k: sum(v) / len(v) for k, v in scores.items()}, abs=TOL)
+    with pytest.raises(ValueError):  # like the library, an empty hypothesis is an error at pair level
+        M._rouge_pltrdy("heart", "")
+
+
+def test_rouge_google_matches_rouge_score():
+    from rouge_score.rouge_scorer import RougeScorer
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"])
+    for ref, pred in PAIRS:
+        r, p = M.normalize_word(ref), M.normalize_word(pred)
+        if r and p:
+            want = scorer.score(r, p)
+            assert M.rouge_google([[ref]], [pred]) == pytest.approx({k: v.fmeasure for k, v in want.items()}, abs=TOL)
+
+
+# --- METEOR and the stemmer --------------------------------------------------------------------
+
+class NoSynonyms:
+    """Stands in for nltk's WordNet reader: no synsets, so synonym matching is off (no download)."""
+
+    def synsets(self, word):
+        return []
+
+
+def test_meteor_matches_nltk_without_synonyms():
+    from nltk.translate.meteor_score import meteor_score
+    total = 0.0
+    for ref, pred in PAIRS:
+        want = meteor_score([M.normalize_word(ref).split()], M.normalize_word(pred).split(), wordnet=NoSynonyms())
+        assert M.meteor([[ref]], [pred]) == pytest.approx(want, abs=TOL), (ref, pred)
+        total += want
+    assert M.meteor(REFS, PREDS) == pytest.approx(total / len(PAIRS), abs=TOL)
+    refs = [[PAIRS[i][0], PAIRS[i + 1][0]] for i in range(0, 20, 2)]
+    for rs, (_, pred) in zip(refs, PAIRS):
+        want = meteor_score([M.normalize_word(r).split() for r in rs], M.normalize_word(pred).split(),
+                            wordnet=NoSynonyms())
+        assert M.meteor([rs], [pred]) == pytest.approx(want, abs=TOL)
+
+
+def _word_list(limit=40000):
+    """Thousands of real words: every alphabetic word in the installed packages' sources and docs."""
+    import nltk
+    root = Path(nltk.__file__).parents[1]
+    words = set()
+    for path in sorted(root.glob("*/**/*.py"))[:4000]:
+        words.update(w.lower() for w in re.findall(r"[A-Za-z]{2,}", path.read_text(errors="ignore")))
+        if len(words) > limit:
+            break
+    return sorted(words) + ["skies", "dying", "generously", "feed", "agreed", "hopping", "fizzed", "conflated",
+                            "happy", "sky", "ys", "yyy", "logically", "radiologic", "effusions", "opacities"]
+
+
+def test_porter_stemmer_matches_nltk():
+    from nltk.stem.porter import PorterStemmer
+    ref, ours = PorterStemmer(), M.PorterStemmer()
+    words = _word_list()
+    assert len(words) > 5000
+    wrong = [(w, ref.stem(w), ours.stem(w)) for w in words if ref.stem(w) != ours.stem(w)]
+    assert not wrong, wrong[:20]
+
+
+# --- boxes -------------------------------------------------------------------------------------
+
+def test_iou_hand_checked():
+    assert M.iou((0, 0, 9, 9), (0, 0, 9, 9)) == 1.0  # identical
+    assert M.iou((0, 0, 9, 9), (20, 20, 29, 29)) == 0.0  # disjoint
+    assert M.iou((0, 0, 9, 9), (2, 2, 6, 6)) == pytest.approx(25 / 100)  # nested: 5x5 pixels in 10x10
+    assert M.iou((0, 0, 9, 9), (9, 0, 18, 9)) == pytest.approx(10 / 190)  # touching: share one pixel column
+    assert M.iou((0, 0, 10, 10), (10, 0, 20, 10), pixel_inclusive=False) == 0.0  # continuous: touching = 0
+    assert M.iou((0, 0, 10, 10), (5, 0, 15, 10), pixel_inclusive=False) == pytest.approx(50 / 150)
+    assert M.iou((5, 5, 5, 5), (5, 5, 5, 5)) == 1.0  # zero-area box is one pixel in the official convention
+    assert M.iou((5, 5, 5, 5), (5, 5, 5, 5), pixel_inclusive=False) == 0.0  # ... and empty in continuous
+    assert M.iou((5, 5, 2, 9), (0, 0, 9, 9)) == 0.0  # inverted (degenerate) box
+
+
+def test_rec_iou_and_recall():
+    # grid box {<10><20><60><70>} on a 200x100 image -> pixels (20, 20, 120, 70); gt [20, 20, 100, 50]
+    assert M.rec_iou((10, 20, 60, 70), [20, 20, 100, 50], (200, 100)) == 1.0
+    assert M.rec_iou(None, [20, 20, 100, 50], (200, 100)) == 0.0  # unparsable prediction
+    assert M.recall_at([0.5, 0.51, 0.2, 1.0]) == 0.5  # strict ">"
+    assert M.recall_at([0.5, 0.51, 0.2, 1.0], threshold=0.3) == 0.75
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def test_cli_scores_a_predictions_file(tmp_path):
+    rows = [{"task": "vqa", "prediction": "Yes", "reference": "yes", "answer_type": "CLOSED"},
+            {"task": "vqa", "prediction": "the liver", "reference": "liver", "answer_type": "OPEN"},
+            {"task": "cls", "prediction": "melanoma", "reference": "Melanoma"},
+            {"task": "caption", "prediction": "the heart is normal.", "references": ["Heart size is normal."]}]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    out = subprocess.run([sys.executable, str(Path(M.__file__)), str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "vqa (2 samples)" in out and "closed_accuracy 100.00" in out and "f1 100.00" in out
+    assert "cls (1 samples): accuracy 100.00" in out and "caption (1 samples)" in out and "rougeL" in out

@@ -1,0 +1,762 @@
+"""LLaMA-2 and the assembled Uni-Med.
+
+Uni-Med's language model is LLaMA-2-7B-chat, written here by hand so that every step is visible:
+RMSNorm, rotary position embeddings (RoPE) in the layout of the Hugging Face weights, grouped-query
+attention through `F.scaled_dot_product_attention`, a SwiGLU MLP and an untied output head. The
+model loads the official `Llama-2-7b-chat-hf` safetensors (sharded or single-file) straight onto
+its parameters from the `meta` device, so host memory peaks near the size of the weights, and it
+writes the same on-disk format back (`save_pretrained`), without the transformers library.
+
+Inputs are token ids or `inputs_embeds` (Uni-Med splices image embeddings into the prompt), with
+an attention mask for padded batches. Generation takes left-padded batches, keeps a preallocated
+KV cache, decodes greedily or by temperature / top-p sampling and stops each row at its own eos.
+
+Chapter outline: config, layers, Llama, generation, loading and saving, tokenizer, CLI.
+"""
+import argparse
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sentencepiece import SentencePieceProcessor
+from tqdm import tqdm
+
+from cmoe import Connector, ConnectorConfig
+from lora import apply_lora
+from vision import EVAConfig, EVAViT
+
+
+# -------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class LlamaConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32        # < n_heads means grouped-query attention
+    hidden_dim: int = 11008     # SwiGLU inner width
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """Read a Hugging Face `config.json` dict (old top-level `rope_theta` or newer `rope_parameters`)."""
+        rope = hf.get("rope_parameters") or {}
+        head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+        checks = [("rope_scaling", not hf.get("rope_scaling") and rope.get("rope_type", "default") == "default"),
+                  ("hidden_act", hf.get("hidden_act", "silu") == "silu"),
+                  ("attention_bias", not hf.get("attention_bias")), ("mlp_bias", not hf.get("mlp_bias")),
+                  ("tie_word_embeddings", not hf.get("tie_word_embeddings")),
+                  ("head_dim", hf.get("head_dim", head_dim) == head_dim)]
+        bad = [field for field, ok in checks if not ok]
+        if bad:
+            raise ValueError(f"config.json: unsupported LLaMA variant ({', '.join(bad)}); this is LLaMA-2")
+        return cls(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                   n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                   hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"], norm_eps=hf["rms_norm_eps"],
+                   rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                   max_seq_len=hf["max_position_embeddings"])
+
+    def to_hf(self) -> dict:
+        """The `config.json` fields of the official Llama-2 checkpoints."""
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+                "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size,
+                "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "rope_scaling": None,
+                "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": False,
+                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+
+
+# -------------------------------------------------------------------------------------------------
+# Layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and cast back before the gain, exactly as the HF reference does in bf16
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [B, 1, T, head_dim] for integer positions [B, T], computed on the fly.
+
+    No buffer is stored, so a model built on `meta` needs nothing beyond its weights. The HF layout
+    repeats the frequencies over the two halves of the head ("rotate half"), matching how the HF
+    q/k weights are ordered, so no weight permutation is needed.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions[..., None].float() * inv_freq     # [B, T, head_dim/2]
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_j, x_{j+d/2}) of x [B, H, T, d] by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole generation.
+
+    k, v: [n_layers, B, n_kv_heads, max_len, head_dim]; slots [0, length) are filled. Writing in place
+    avoids re-allocating (and copying) the cache at each decoding step.
+    """
+
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, device, dtype):
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        """Store k, v [B, n_kv_heads, T, head_dim] after the filled slots; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        if config.dim % config.n_heads or config.n_heads % config.n_kv_heads or config.head_dim % 2:
+            raise ValueError(f"LlamaConfig: dim {config.dim}, n_heads {config.n_heads}, n_kv_heads "
+                             f"{config.n_kv_heads} must give an even head_dim and whole kv groups")
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)    # [B, H, T, d]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, Hkv, past + T, d]
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # no mask: causal over a fresh sequence, or a single new token that sees every key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None, layer: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# -------------------------------------------------------------------------------------------------
+# Llama
+
+def causal_mask(key_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, L] for the last T of L positions, given key_mask [B, L] (True = real).
+
+    A query sees earlier real keys. It also always sees itself: a padding query would otherwise see
+    nothing and SDPA would return NaN for it (its output is never used).
+    """
+    L = key_mask.shape[1]
+    q_pos = torch.arange(L - T, L, device=key_mask.device)[:, None]  # [T, 1]
+    k_pos = torch.arange(L, device=key_mask.device)[None, :]         # [1, L]
+    allowed = (k_pos <= q_pos) & key_mask[:, None, :]                # [B, T, L]
+    return (allowed | (k_pos == q_pos))[:, None]
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward to save activation memory
+
+    def forward(self, tokens=None, *, inputs_embeds=None, attention_mask=None, cache: Optional[KVCache] = None,
+                last_only: bool = False):
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) for tokens [B, T] or inputs_embeds [B, T, dim].
+
+        attention_mask [B, past + T] (1 = real token) covers the cached positions too. Positions count
+        real tokens only, so a left-padded row is positioned exactly like the same row unpadded.
+        """
+        if (tokens is None) == (inputs_embeds is None):
+            raise ValueError("Llama.forward: pass exactly one of tokens and inputs_embeds")
+        x = self.embed(tokens) if inputs_embeds is None else inputs_embeds  # [B, T, dim]
+        B, T, _ = x.shape
+        past = 0 if cache is None else cache.length
+        if attention_mask is None:
+            key_mask = torch.ones(B, past + T, dtype=torch.bool, device=x.device)
+        elif attention_mask.shape != (B, past + T):
+            raise ValueError(f"Llama.forward: attention_mask has shape {list(attention_mask.shape)}, "
+                             f"needs [batch, past + T] = {[B, past + T]}")
+        else:
+            key_mask = attention_mask.bool()
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
+        # Without padding, a fresh sequence is plain causal attention and one new token may see every
+        # key: both need no explicit mask, which lets SDPA take its fastest kernel.
+        unpadded = attention_mask is None or bool(key_mask.all())
+        mask = None if unpadded and (past == 0 or T == 1) else causal_mask(key_mask, T)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "Llama":
+        """Load an HF LLaMA-2 directory (config.json + safetensors) in eval mode, built on meta first."""
+        with open(os.path.join(path, "config.json")) as f:
+            config = LlamaConfig.from_hf(json.load(f))
+        with torch.device("meta"):
+            model = cls(config)
+        load_safetensors(model, checkpoint_files(path), hf_to_ours, dtype, device)
+        return model.eval()
+
+    # ---------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_id: int = 2, use_cache: bool = True) -> list[list[int]]:
+        """New token ids (eos excluded) for each prompt, decoded as one left-padded batch."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("Llama.generate: every prompt needs at least one token")
+        T = max(len(p) for p in prompts)
+        device = self.embed.weight.device
+        tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)  # pad id 0: masked, never seen
+        mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, T - len(prompt):] = torch.tensor(prompt, device=device)
+            mask[row, T - len(prompt):] = True
+        return self.generate_from_embeds(self.embed(tokens), mask, max_new_tokens, temperature, top_p, eos_id,
+                                         use_cache)
+
+    @torch.no_grad()
+    def generate_from_embeds(self, inputs_embeds, attention_mask, max_new_tokens: int, temperature: float = 0.0,
+                             top_p: float = 1.0, eos_id: int = 2, use_cache: bool = True) -> list[list[int]]:
+        """Decode after left-padded prompt embeddings [B, T, dim] with attention_mask [B, T] (1 = real).
+
+        With use_cache the prompt is run once and each step feeds only the new token; without it,
+        every step re-runs the whole sequence (slow; kept as the reference the cache is tested against).
+        """
+        B, T, _ = inputs_embeds.shape
+        if max_new_tokens < 1:
+            raise ValueError(f"Llama.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"Llama.generate: prompt length {T} + max_new_tokens {max_new_tokens} exceeds "
+                             f"max_seq_len {self.config.max_seq_len}")
+        if not attention_mask[:, -1].all():
+            raise ValueError("Llama.generate: prompts must be left-padded (attention_mask[:, -1] all 1)")
+        device = inputs_embeds.device
+        mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+        mask[:, :T] = attention_mask.bool()
+        cache = KVCache(self.config, B, T + max_new_tokens, device, inputs_embeds.dtype) if use_cache else None
+        x = inputs_embeds
+        out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            logits = self(inputs_embeds=x, attention_mask=mask[:, :T + step], cache=cache, last_only=True)
+            token = sample(logits[:, -1].float(), temperature, top_p)  # [B]
+            token = token.masked_fill(done, eos_id)
+            out[:, step] = token
+            done |= token == eos_id
+            if done.all():
+                break
+            new = self.embed(token)[:, None]  # [B, 1, dim]
+            x = new if use_cache else torch.cat([x, new], dim=1)
+        return [row[:row.index(eos_id)] if eos_id in row else row for row in out[:, :step + 1].tolist()]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token [B] from logits [B, V]: argmax at temperature 0, else nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+    sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0
+    choice = torch.multinomial(sorted_probs, 1)  # multinomial renormalises
+    return order.gather(-1, choice)[:, 0]
+
+
+# -------------------------------------------------------------------------------------------------
+# Loading and saving official weights
+
+# The one explicit map between official HF key names and ours; {i} is a layer index.
+HF_KEYS = [
+    ("model.embed_tokens.weight", "embed.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q_proj.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k_proj.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v_proj.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o_proj.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+]
+
+
+def _translate(key: str, src: int) -> Optional[str]:
+    """Map `key` through HF_KEYS from column src (0 = HF, 1 = ours) to the other column."""
+    for pair in HF_KEYS:
+        match = re.fullmatch(re.escape(pair[src]).replace(r"\{i\}", r"(\d+)"), key)
+        if match:
+            return pair[1 - src].replace("{i}", match.group(1)) if match.groups() else pair[1 - src]
+    return None
+
+
+def hf_to_ours(key: str) -> Optional[str]:
+    """Our parameter name for an official key; None drops it. Unknown keys pass through unchanged,
+    so the loader reports them as unexpected tensors."""
+    if key.endswith(".rotary_emb.inv_freq"):
+        return None  # RoPE's constant frequencies, stored by some older checkpoints; we compute them
+    return _translate(key, 0) or key
+
+
+def ours_to_hf(name: str) -> str:
+    hf = _translate(name, 1)
+    if hf is None:
+        raise KeyError(f"save_pretrained: parameter '{name}' has no official LLaMA name")
+    return hf
+
+
+def load_safetensors(module: nn.Module, files: list[str], rename: Callable[[str], Optional[str]],
+                     dtype: torch.dtype, device="cpu") -> None:
+    """Materialise `module` (built on the meta device) from safetensors `files`, tensor by tensor.
+
+    `rename` maps an official key to our parameter name, or to None for a tensor we deliberately
+    drop. Peak host memory stays near the size of the weights: each tensor is read, cast and moved
+    once, and nothing else is ever allocated for it. Every tensor of the module must be found
+    exactly once with the right shape; anything else is an error naming the tensor and the file.
+    """
+    expected = dict(module.state_dict(keep_vars=True))  # our name -> meta tensor
+    origin = {}  # our name -> (file, official key), to report duplicates
+    for path in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                name = rename(key)
+                if name is None:
+                    continue
+                if name not in expected:
+                    raise ValueError(f"{path}: unexpected tensor '{key}' (mapped to '{name}', "
+                                     f"which {type(module).__name__} does not have)")
+                if name in origin:
+                    raise ValueError(f"{path}: tensor '{key}' duplicates '{origin[name][1]}' "
+                                     f"from {origin[name][0]} (both map to '{name}')")
+                shape, want = tuple(f.get_slice(key).get_shape()), tuple(expected[name].shape)
+                if shape != want:
+                    raise ValueError(f"{path}: tensor '{key}' has shape {list(shape)}, but "
+                                     f"'{name}' needs {list(want)}")
+                tensor = f.get_tensor(key)
+                tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                _assign(module, name, tensor)
+                origin[name] = (path, key)
+    missing = [name for name in expected if name not in origin]
+    if missing:
+        shown = ", ".join(f"'{m}' {list(expected[m].shape)}" for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"missing tensors in {', '.join(files)}: {shown}{more}")
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace the meta parameter or buffer `name` of `module` by a real tensor."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(tensor, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = tensor
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of an HF model directory: the shards named by the index, or the single file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, shard) for shard in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors found")
+
+
+def save_pretrained(model: Llama, config: LlamaConfig, path: str, max_shard_size: Optional[int] = None) -> None:
+    """Write `model` in the official HF layout: config.json and model.safetensors, or shards of at
+    most max_shard_size bytes (a tensor larger than that gets a shard of its own) plus the index."""
+    os.makedirs(path, exist_ok=True)
+    tensors = {ours_to_hf(name): t.detach().contiguous() for name, t in model.state_dict().items()}
+    shards, size = [{}], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_size is not None and shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(path, name) + ".tmp", metadata={"format": "pt"})
+        os.replace(os.path.join(path, name) + ".tmp", os.path.join(path, name))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
+        _write_json(os.path.join(path, "model.safetensors.index.json"), index)
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    _write_json(os.path.join(path, "config.json"), {**config.to_hf(), "torch_dtype": dtype})
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+# -------------------------------------------------------------------------------------------------
+# Tokenizer
+
+class Tokenizer:
+    """SentencePiece `tokenizer.model` of LLaMA-2, with the ids of HF's slow (legacy) LlamaTokenizer.
+
+    The whole text goes to SentencePiece in one call, which adds the dummy-prefix space as the legacy
+    HF tokenizer does; bos/eos are added as ids and never parsed from the text ("</s>" in a string is
+    just text here). transformers 5's LlamaTokenizer agrees except on text that starts with a space,
+    where its Metaspace pre-tokenizer drops the dummy prefix; our prompts never start with one.
+    Padding: the official code sets the pad token to the string "$$" (not a special token), so
+    `pad_id` is HF's lookup of it, `piece_to_id("$$")`, which is the unk id 0 unless "$$" is a piece.
+    Pads are masked out everywhere, so this id never changes a result.
+    """
+
+    def __init__(self, path: str):
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.model")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no SentencePiece tokenizer.model")
+        self.sp = SentencePieceProcessor(model_file=path)
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        self.pad_id = self.sp.piece_to_id("$$")
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        """Text of ids, skipping bos/eos/unk/pad like HF's decode(skip_special_tokens=True)."""
+        special = {self.bos_id, self.eos_id, self.unk_id, self.pad_id}
+        return self.sp.decode([int(i) for i in ids if int(i) not in special])
+
+
+def chat_prompt(instruction: str) -> str:
+    """The LLaMA-2 chat template Uni-Med uses (no system prompt)."""
+    return f"[INST] {instruction} [/INST]"
+
+
+# =================================================================================================
+# Uni-Med: EVA ViT-G -> ln_vision -> resampler -> Connector-MoE -> LLaMA-2-chat + LoRA
+#
+# The image path turns one image into T_img embeddings in the LLaMA's input space; the text path
+# wraps the instruction in the Llama-2 chat prompt and splices those embeddings in at <ImageHere>.
+# Only the connector (experts, router, task tokens) and LoRA learn; everything else stays frozen.
+
+@dataclass
+class UniMedConfig:
+    """Every switch of the paper's ablations (Table 2). Widths come from the base weights."""
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    lora_r: int = 8              # Table 2(d) varies it over 4..64
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_experts: int = 1        # > 1 turns every LoRA into LoRA-MoE (Table 2e: 5 experts, r 4, alpha 8)
+    lora_top_k: int = 2          # LoRA-MoE's sparse router keeps this many experts
+    max_txt_len: int = 1024      # answer tokens (official config)
+    max_context_len: int = 3800  # prompt + image embeddings (official config)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UniMedConfig":
+        return cls(**{**d, "connector": ConnectorConfig(**d["connector"])})
+
+
+def build_prompt(instruction: str, has_image: bool, train: bool) -> str:
+    """The Llama-2 chat prompt around one instruction (spec section 4).
+
+    In training the official datasets write `<Img><ImageHere></Img> {instruction} ` and the model
+    wraps it in `[INST] {} [/INST]`, so two spaces precede [/INST]; the official evaluation scripts
+    write the prompt in one piece with one space. Each is what the official model saw, so we keep both.
+    """
+    if not has_image:
+        return chat_prompt(instruction)
+    return chat_prompt(f"<Img><ImageHere></Img> {instruction}" + (" " if train else ""))
+
+
+class UniMed(nn.Module):
+    def __init__(self, config: UniMedConfig, llama: Llama, vit: EVAViT, tokenizer: Optional[Tokenizer]):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        device = vit.pos_embed.device
+        self.vit = vit.requires_grad_(False)
+        # A fresh LayerNorm, never trained (spec section 1); it still matters: it normalises the
+        # ViT features before the connector. Kept in fp32 like LAVIS's LayerNorm.
+        self.ln_vision = nn.LayerNorm(vit.config.width, device=device).requires_grad_(False)
+        connector_config = replace(config.connector, vit_width=vit.config.width, llm_width=llama.config.dim)
+        self.connector = Connector(connector_config).to(device)
+        self.llama = llama.requires_grad_(False)
+        apply_lora(self.llama, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                   experts=config.lora_experts, top_k=config.lora_top_k)
+        # Trainable parameters live in fp32 whatever the base dtype: a bf16 weight cannot hold an
+        # update of lr 1e-6 (its 8-bit mantissa rounds it away). Autocast runs the maths in bf16.
+        for p in self.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    @classmethod
+    def from_pretrained(cls, llama_dir: str, vit_path: str, config: UniMedConfig,
+                        vit_config: Optional[EVAConfig] = None, dtype=torch.bfloat16, device="cpu"):
+        llama = Llama.from_pretrained(llama_dir, dtype=dtype, device=device)
+        vit = EVAViT.from_checkpoint(vit_path, vit_config, dtype=dtype, device=device)
+        return cls(config, llama, vit, Tokenizer(os.path.join(llama_dir, "tokenizer.model")))
+
+    @property
+    def image_size(self) -> int:
+        return self.vit.config.img_size
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.llama.gradient_checkpointing = enabled
+
+    def autocast(self):
+        """Maths in the base dtype (bf16) while the trainable weights stay fp32; off for an fp32 base."""
+        weight = self.llama.embed.weight
+        return torch.autocast(weight.device.type, dtype=weight.dtype, enabled=weight.dtype != torch.float32)
+
+    # ---- the image path ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def vision_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen ViT -> ln_vision -> drop CLS: [B, 3, H, W] -> [B, N_patches, vit_width] in fp32."""
+        features = self.vit(images.to(self.vit.pos_embed.dtype))        # [B, 1 + 256, 1408]
+        with torch.autocast(features.device.type, enabled=False):
+            features = self.ln_vision(features.float())
+        return features[:, 1:]                                           # [B, 256, 1408]
+
+    def encode_images(self, images: torch.Tensor, task: str):
+        """Image embeddings for the LLaMA and the routing weights: [B, T_img, D], [B, T_img, N]."""
+        return self.connector(self.vision_features(images), task)       # [B, 64, 4096]
+
+    # ---- the text path -------------------------------------------------------------------------
+
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        embed = self.llama.embed
+        return embed(torch.tensor(ids, dtype=torch.long, device=embed.weight.device))  # [T, D]
+
+    def embed_prompts(self, instructions: list[str], image_embeds: Optional[torch.Tensor],
+                      train: bool) -> list[torch.Tensor]:
+        """One [T_i, D] embedding per prompt, image embeddings spliced in at <ImageHere>.
+
+        The text on each side of <ImageHere> is tokenised on its own without special tokens, as the
+        official prompt_wrap does (so each side gets sentencepiece's leading space)."""
+        rows = []
+        for i, instruction in enumerate(instructions):
+            prompt = build_prompt(instruction, image_embeds is not None, train)
+            if image_embeds is None:
+                row = self.embed_ids(self.tokenizer.encode(prompt, bos=False))
+            else:
+                before, after = prompt.split("<ImageHere>")
+                image = image_embeds[i].to(self.llama.embed.weight.dtype)
+                row = torch.cat([self.embed_ids(self.tokenizer.encode(before, bos=False)), image,
+                                 self.embed_ids(self.tokenizer.encode(after, bos=False))])
+            rows.append(row[: self.config.max_context_len])  # the official cap on the context
+        return rows
+
+    def training_inputs(self, images: Optional[torch.Tensor], instructions: list[str], answers: list[str],
+                        task: str):
+        """Right-padded rows `<s> prompt answer </s>` for teacher forcing (spec section 4).
+
+        Returns embeds [B, T, D], attention mask [B, T], labels [B, T] (-100 everywhere but on the
+        answer and its </s>, so only the answer is learned) and the routing weights."""
+        image_embeds, routing_weights = (None, None) if images is None else self.encode_images(images, task)
+        prompts = self.embed_prompts(instructions, image_embeds, train=True)
+        bos = self.embed_ids([self.tokenizer.bos_id])                           # [1, D]
+        rows, labels = [], []
+        for prompt, answer in zip(prompts, answers):
+            answer_ids = self.tokenizer.encode(answer, bos=False, eos=True)[: self.config.max_txt_len]
+            rows.append(torch.cat([bos, prompt, self.embed_ids(answer_ids)]))
+            labels.append(torch.tensor([-100] * (1 + len(prompt)) + answer_ids))
+        embeds, mask = pad_rows(rows, left=False)                                # [B, T, D], [B, T]
+        labels = pad_sequence(labels, batch_first=True, padding_value=-100).to(embeds.device)
+        return embeds, mask, labels, routing_weights
+
+    def forward(self, images: Optional[torch.Tensor], instructions: list[str], answers: list[str],
+                task: str):
+        """Mean cross-entropy over the answer tokens of one single-task batch, and the routing
+        weights [B, T_img, N] (None for QA, or a connector without experts)."""
+        with self.autocast():
+            embeds, mask, labels, routing_weights = self.training_inputs(images, instructions, answers, task)
+            logits = self.llama(inputs_embeds=embeds, attention_mask=mask)          # [B, T, V]
+        # Position t predicts token t + 1.
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=-100)
+        return loss, routing_weights
+
+    @torch.no_grad()
+    def generate(self, images: Optional[torch.Tensor], instructions: list[str], task: str,
+                 max_new_tokens: int = 100, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+        """Answers for a batch of one task: left-padded prompts, KV cache, greedy by default.
+
+        One BOS, as in training (the official evaluation adds a second one: spec section 10)."""
+        with self.autocast():
+            image_embeds = None if images is None else self.encode_images(images, task)[0]
+            prompts = self.embed_prompts(instructions, image_embeds, train=False)
+            bos = self.embed_ids([self.tokenizer.bos_id])
+            embeds, mask = pad_rows([torch.cat([bos, p]) for p in prompts], left=True)
+            new_ids = self.llama.generate_from_embeds(embeds, mask, max_new_tokens=max_new_tokens,
+                                                      temperature=temperature, top_p=top_p,
+                                                      eos_id=self.tokenizer.eos_id)
+        # The official scripts keep the text after the last [/INST], stripped.
+        return [self.tokenizer.decode(ids).split("[/INST]")[-1].strip() for ids in new_ids]
+
+    # ---- what training saves --------------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(params.keys() - state.keys())
+        unexpected = sorted(state.keys() - params.keys())
+        if missing or unexpected:
+            raise ValueError(f"{source}: trainable weights do not match this model: missing "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for name, p in params.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"{source}: '{name}' has shape {list(state[name].shape)}, "
+                                 f"the model needs {list(p.shape)}")
+            with torch.no_grad():
+                p.copy_(state[name])
+
+
+def parameter_summary(model: UniMed) -> dict[str, tuple[int, int]]:
+    """Parameters by part of the model: {part: (trainable, frozen)}."""
+    def part(name: str) -> str:
+        if name.startswith("connector."):
+            return {"experts": "connector experts", "proj": "connector experts", "router": "router",
+                    "task_tokens": "task tokens"}[name.split(".")[1]]
+        if name.startswith("llama."):
+            return "LoRA" if ".lora_" in name or ".router." in name else "LLaMA base"
+        return {"vit": "EVA ViT", "ln_vision": "ln_vision"}[name.split(".")[0]]
+    counts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        counts.setdefault(part(name), [0, 0])[0 if p.requires_grad else 1] += p.numel()
+    return {k: tuple(v) for k, v in counts.items()}
+
+
+def print_summary(config: UniMedConfig) -> None:
+    """Build the full-size Uni-Med (ViT-G + LLaMA-2-7B) on `meta` and print its parameter counts."""
+    with torch.device("meta"):
+        model = UniMed(config, Llama(LlamaConfig()), EVAViT(EVAConfig()), tokenizer=None)
+    rows = parameter_summary(model)
+    print(f"{'part':<20}{'trainable':>16}{'frozen':>16}")
+    for name, (trainable, frozen) in rows.items():
+        print(f"{name:<20}{trainable:>16,}{frozen:>16,}")
+    print(f"{'total':<20}{sum(t for t, _ in rows.values()):>16,}{sum(f for _, f in rows.values()):>16,}")
+
+
+def pad_rows(rows: list[torch.Tensor], left: bool):
+    """Stack [T_i, D] rows into [B, T, D] with zero padding and a {0,1} attention mask [B, T]."""
+    length = max(r.shape[0] for r in rows)
+    embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        span = slice(length - r.shape[0], length) if left else slice(0, r.shape[0])
+        embeds[i, span], mask[i, span] = r, 1
+    return embeds, mask
+
+
+# -------------------------------------------------------------------------------------------------
+# CLI
+
+def main():
+    parser = argparse.ArgumentParser(description="Chat with a LLaMA-2 model directory (HF layout), "
+                                     "or print the parameter counts of Uni-Med (--summary).")
+    parser.add_argument("path", nargs="?", help="model directory: config.json, safetensors, tokenizer.model")
+    parser.add_argument("prompt", nargs="?", help="user message, wrapped in [INST] ... [/INST]")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                        help="weights dtype (7B in bfloat16 needs ~13.5 GB)")
+    parser.add_argument("--summary", action="store_true",
+                        help="build the full-size Uni-Med on the meta device and print parameter counts")
+    args = parser.parse_args()
+    if args.summary:
+        return print_summary(UniMedConfig())
+    if args.path is None or args.prompt is None:
+        parser.error("give a model directory and a prompt, or --summary")
+    model = Llama.from_pretrained(args.path, dtype=getattr(torch, args.dtype), device=args.device)
+    tokenizer = Tokenizer(args.path)
+    prompt = tokenizer.encode(chat_prompt(args.prompt))
+    [answer] = model.generate([prompt], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id)
+    print(tokenizer.decode(answer).strip())
+
+
+if __name__ == "__main__":
+    main()

@@ -318,3 +318,16 @@ def test_analysis_command_on_demo_checkpoint(demo_checkpoint, tmp_path, monkeypa
     for weights in r["routing"]["tasks"].values():
         assert sum(weights) == pytest.approx(1, abs=1e-5)
     assert len(r["tsne"]["after"]) == len(r["tsne"]["tasks"]) > 6
+
+
+def test_evaluate_analysis_flag_compares_two_checkpoints(demo_checkpoint, tmp_path, monkeypatch):
+    """The issue's command: `python evaluate.py A.pt B.pt --analysis OUT` draws both runs."""
+    import evaluate
+    root, ckpt = demo_checkpoint
+    monkeypatch.chdir(root)
+    out = str(tmp_path / "out")
+    evaluate.main([ckpt, ckpt, "--analysis", out, "--batches", "1", "--device", "cpu"])
+    result = json.load(open(os.path.join(out, "analysis.json")))
+    check_outputs(out, result)
+    assert len(result["runs"]) == 2
+    assert result["runs"][0]["by_dataset"]["gd"] == result["runs"][1]["by_dataset"]["gd"]

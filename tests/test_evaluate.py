@@ -1,0 +1,350 @@
+"""evaluate.py: results for every dataset, exact resume, box post-processing, clear errors, and the
+official checkpoint layout (checked against peft's real parameter names) giving identical logits.
+
+Everything runs on a tiny UniMed over the demo's base weights (built once per module, without the
+LLaMA pre-training), with a checkpoint written directly; the slow test evaluates a short demo run.
+"""
+import json
+import os
+import re
+from dataclasses import asdict
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate
+import metrics
+import train
+from cmoe import ConnectorConfig
+from model import UniMed, UniMedConfig
+
+EXPECTED_KEYS = {  # the paper's columns (and the official scripts' extra figures) for each task
+    "vqa": {"bleu1", "bleu2", "bleu3", "bleu4", "f1", "closed_acc",
+            *(f"{s}_{k}" for s in ("open", "closed") for k in ("bleu1", "bleu2", "bleu3", "bleu4", "f1"))},
+    "identify": {"bleu1", "bleu2", "bleu3", "bleu4", "f1", "acc"},
+    "qa": {"bleu1", "bleu2", "bleu3", "bleu4", "f1", "acc"},
+    "refer": {"iou", "r@0.5"},
+    "caption": {"bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL", "meteor", "scored"},
+    "cls": {"acc"},
+}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(llama_dir, vit_path, data_root) of the demo, without pre-training the tiny LLaMA (speed)."""
+    root = str(tmp_path_factory.mktemp("demo"))
+    train.build_demo(root, pretrain={**train.DEMO_PRETRAIN, "steps": 0})
+    return train.demo_paths(root)
+
+
+def tiny_model(demo, connector: ConnectorConfig, seed: int = 0) -> UniMed:
+    """A UniMed on the demo base weights whose trainable weights are all random (LoRA B included,
+    so every trainable tensor changes the output)."""
+    llama_dir, vit_path, _ = demo
+    torch.manual_seed(seed)
+    model = UniMed.from_pretrained(llama_dir, vit_path, UniMedConfig(connector=connector),
+                                   vit_config=train.DEMO_EVA, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def write_ours(path, model: UniMed, demo) -> str:
+    llama_dir, vit_path, data_root = demo
+    config = {"unimed": model.config.to_dict(), "vit": asdict(train.DEMO_EVA), "llama_dir": llama_dir,
+              "vit_path": vit_path, "data_root": data_root, "demo": True, "args": {}}
+    torch.save({"format": "unimed-ckpt", "step": 0, "config": config, "model": model.trainable_state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(demo, tmp_path_factory):
+    model = tiny_model(demo, ConnectorConfig(experts=3))
+    return write_ours(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", model, demo), model
+
+
+@pytest.fixture(autouse=True)
+def short_answers(monkeypatch):
+    """8 new tokens instead of the official 100: random weights never emit eos, and the code path
+    is the same (the slow test keeps 100)."""
+    monkeypatch.setattr(evaluate, "MAX_NEW_TOKENS", 8)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# -------------------------------------------------------------------------------------------------
+# results.json, and the official scripts' figures recomputed from the predictions files
+
+def test_results_have_every_dataset_and_metric(checkpoint, tmp_path):
+    path, model = checkpoint
+    results = evaluate.evaluate(path, limit=3, batch_size=3, out=str(tmp_path), model=model)
+    on_disk = json.load(open(tmp_path / "results.json"))
+    assert on_disk["datasets"] == json.loads(json.dumps(results["datasets"]))
+    assert set(on_disk["datasets"]) == set(data.DATASETS)
+    assert "paper" not in on_disk  # the demo is not comparable with the paper
+    for name, entry in on_disk["datasets"].items():
+        task = data.TASK_OF[name]
+        assert entry["task"] == task and entry["n"] == 3
+        assert set(entry["metrics"]) == EXPECTED_KEYS[task], name
+        rows = read_jsonl(tmp_path / f"predictions_{name}.jsonl")
+        assert len(rows) == 3 and all({"id", "prompt", "prediction", "reference", "scores"} <= set(r) for r in rows)
+        # metrics.py's own scorer (a separate path from the same predictions) agrees with the table
+        theirs = metrics.score_task(task, [{**r, "task": task} for r in rows]) if task != "qa" else None
+        ours = entry["metrics"]
+        pairs = {"vqa": [("bleu1", "bleu1"), ("f1", "f1")], "identify": [("bleu1", "bleu1"), ("acc", "accuracy")],
+                 "refer": [("iou", "iou"), ("r@0.5", "r@0.5")], "cls": [("acc", "accuracy")],
+                 "caption": [("bleu4", "bleu4"), ("rougeL", "rougeL"), ("meteor", "meteor")]}.get(task, [])
+        for k_ours, k_theirs in pairs:
+            if ours[k_ours] is not None:
+                assert ours[k_ours] == pytest.approx(100 * theirs[k_theirs], abs=1e-9), (name, k_ours)
+    table = evaluate.format_tables(on_disk["datasets"], paper=False)
+    assert "Slake-VQA" in table and "SA-Med2D-REC" in table and "Uni-Med (paper)" not in table
+
+
+# -------------------------------------------------------------------------------------------------
+# Resume: an interrupted run, a torn last line, then the rest, equals one uninterrupted run
+
+def test_resumed_evaluation_equals_uninterrupted(checkpoint, tmp_path, monkeypatch):
+    path, model = checkpoint
+    kwargs = dict(names=["slake_vqa", "slake_rec"], limit=5, batch_size=2, model=model)
+    straight = evaluate.evaluate(path, out=str(tmp_path / "a"), **kwargs)
+
+    calls = {"n": 0}
+    generate = UniMed.generate
+
+    def interrupted(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the 3rd batch: slake_vqa's last one
+            raise KeyboardInterrupt
+        return generate(self, *args, **kw)
+
+    monkeypatch.setattr(UniMed, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(path, out=str(tmp_path / "b"), **kwargs)
+    vqa = tmp_path / "b" / "predictions_slake_vqa.jsonl"
+    assert len(read_jsonl(vqa)) == 4  # two whole batches survived
+    with open(vqa, "a") as f:
+        f.write('{"id": "torn", "prediction": "le')  # a kill in the middle of a write
+    calls["n"] = 10  # no more interruptions; count the batches the resumed run generates
+    resumed = evaluate.evaluate(path, out=str(tmp_path / "b"), **kwargs)
+    assert calls["n"] == 10 + 1 + 3  # slake_vqa's missing batch, then all of slake_rec
+    assert resumed["datasets"] == straight["datasets"]
+    for name in kwargs["names"]:
+        a = read_jsonl(tmp_path / "a" / f"predictions_{name}.jsonl")
+        b = read_jsonl(tmp_path / "b" / f"predictions_{name}.jsonl")
+        assert a == b
+
+
+def test_read_predictions_rejects_a_corrupted_middle_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:2"):
+        evaluate.read_predictions(str(path))
+
+
+# -------------------------------------------------------------------------------------------------
+# REC post-processing on hand-written model outputs (eval_ref.py's rules)
+
+class Scripted(torch.nn.Module):
+    """A stand-in model that 'generates' fixed answers, to drive the real post-processing path."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs, self.image_size, self.anchor = outputs, 56, torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, images, instructions, task, max_new_tokens):
+        return self.outputs[:len(instructions)]
+
+
+def test_box_postprocessing_on_hand_written_outputs():
+    W, H = 200, 100
+    gt = (20, 10, 80, 40)  # x, y, w, h -> pixels (20, 10)-(100, 50): grid <10><10><50><50>
+    cases = [  # (model output, IoU by the official +1-pixel formula, worked out by hand)
+        ("{<10><10><50><50>}", 1.0),  # exact
+        ("{ <10> <10><unk> <50> <50> }", 1.0),  # spaces and <unk> are removed first
+        ("{<10><10><50><50>} is the tumor", 1.0),  # text after the box is ignored
+        ("the tumor is at {<10><10><50><50>}", 0.0),  # must start with the box
+        ("{<10><10><50>}", 0.0),  # three numbers
+        ("<10><10><50><50>", 0.0),  # no braces
+        ("{<10><10><50><50>", 0.0),  # unclosed
+        ("{<1000><10><50><50>}", 0.0),  # four digits
+        ("", 0.0),  # nothing
+        ("{<10><10><150><50>}", 81 / 281),  # out of range: scaled to x2 = 300 px, not clipped
+        ("{<0><0><25><30>}", 31 * 21 / (51 * 31 + 81 * 41 - 31 * 21)),  # partial overlap
+    ]
+    samples = [data.Sample(f"s{i}", "slake_rec", "refer", Image.new("RGB", (W, H)),
+                           "[refer] give me the location of tumor", "{<10><10><50><50>}", gt, (W, H))
+               for i in range(len(cases))]
+    records = evaluate.generate_batch(Scripted([c[0] for c in cases]), samples)
+    for (output, want), r in zip(cases, records):
+        assert r["scores"]["iou"] == pytest.approx(want, abs=1e-12), output
+        assert r["scores"]["hit"] == (want > 0.5)
+    scores = evaluate.dataset_scores("refer", json.loads(json.dumps(records)))  # as read back from disk
+    assert scores["iou"] == pytest.approx(100 * sum(c[1] for c in cases) / len(cases))
+    assert scores["r@0.5"] == pytest.approx(100 * 3 / len(cases))
+
+
+def test_text_postprocessing_is_the_official_one():
+    samples = [data.Sample("q", "slake_vqa", "vqa", Image.new("RGB", (8, 8)), "[vqa] q", "Left Lung",
+                           answer_type="CLOSED")]
+    r = evaluate.generate_batch(Scripted(["  The <unk>LEFT lung <unk> "]), samples)[0]
+    assert r["prediction"] == "the left lung"
+    assert r["scores"]["contains"] == 1.0  # normalised reference is a substring of the prediction
+
+
+# -------------------------------------------------------------------------------------------------
+# Clear errors
+
+def test_corrupted_and_foreign_checkpoints_give_clear_errors(checkpoint, tmp_path):
+    path, _ = checkpoint
+    raw = open(path, "rb").read()
+    (tmp_path / "torn.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"torn\.pt: cannot be read"):
+        evaluate.read_checkpoint(str(tmp_path / "torn.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match=r"junk\.pt: cannot be read"):
+        evaluate.read_checkpoint(str(tmp_path / "junk.pt"))
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt: not a Uni-Med checkpoint.*'model'"):
+        evaluate.read_checkpoint(str(tmp_path / "other.pt"))
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["unimed"]
+    torch.save(ckpt, tmp_path / "noconfig.pt")
+    with pytest.raises(ValueError, match=r"noconfig\.pt: .*config\.unimed"):
+        evaluate.read_checkpoint(str(tmp_path / "noconfig.pt"))
+    with pytest.raises(SystemExit, match=r"error: .*torn\.pt"):  # the command line says it in one line
+        evaluate.main([str(tmp_path / "torn.pt")])
+
+
+def test_config_not_matching_base_weights_names_tensor_and_shapes(checkpoint, tmp_path):
+    path, _ = checkpoint
+    ckpt = torch.load(path, weights_only=True)
+    name = next(k for k in ckpt["model"] if k.endswith("lora_A.weight"))
+    want = list(ckpt["model"][name].shape)
+    ckpt["model"][name] = torch.zeros(want[0], want[1] + 8)  # as if trained on a wider LLaMA
+    torch.save(ckpt, tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match=re.escape(f"'{name}' has shape [{want[0]}, {want[1] + 8}]")
+                       + r".*" + re.escape(str(want))):
+        evaluate.build_model(evaluate.read_checkpoint(str(tmp_path / "wide.pt")), str(tmp_path / "wide.pt"),
+                             None, None, "cpu")
+
+
+def test_missing_datasets_name_the_expected_path(checkpoint, tmp_path):
+    path, model = checkpoint
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(empty))):
+        evaluate.evaluate(path, data_root=str(empty), out=str(tmp_path / "o"), model=model)
+    with pytest.raises(FileNotFoundError, match=r"slake_vqa.*" + re.escape(str(empty))):
+        evaluate.evaluate(path, data_root=str(empty), names=["slake_vqa"], out=str(tmp_path / "o"), model=model)
+
+
+# -------------------------------------------------------------------------------------------------
+# Official checkpoints (checkpoint_N.pth of MSIIP/Uni-Med)
+
+def peft_lora_names(n_layers: int) -> set:
+    """The trainable names peft gives an all-linear LoRA on HF's LlamaForCausalLM, as the official
+    UniMed holds it (`self.llm_model = get_peft_model(...)`), so our mapping is checked against them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+    hf = LlamaForCausalLM(HFLlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                        num_key_value_heads=2, num_hidden_layers=n_layers))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(hf, LoraConfig(task_type="CAUSAL_LM", target_modules=targets, r=2, lora_alpha=4))
+    return {f"llm_model.{n}" for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def to_official(ours: dict) -> dict:
+    """Our trainable tensors under the official names, written out by hand (the inverse mapping)."""
+    out = {}
+    for name, t in ours.items():
+        if m := re.fullmatch(r"llama\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.lora_([AB])\.weight", name):
+            block = "self_attn" if m.group(2) == "attn" else "mlp"
+            out[f"llm_model.base_model.model.model.layers.{m.group(1)}.{block}.{m.group(3)}"
+                f".lora_{m.group(4)}.default.weight"] = t
+        elif m := re.fullmatch(r"connector\.experts\.(\d+)\.fc([12])\.(weight|bias)", name):
+            out[f"llm_proj.{m.group(1)}.{0 if m.group(2) == '1' else 2}.{m.group(3)}"] = t
+        elif m := re.fullmatch(r"connector\.(task_tokens\.\w+|router\.fc[12]\.(weight|bias))", name):
+            out[m.group(1)] = t
+        else:
+            raise AssertionError(f"no official name for {name}")
+    return out
+
+
+def official_checkpoint(path, state: dict, router: str, experts: int, n_layers: int):
+    config = {"model": {"arch": "uni_med", "image_size": 56, "resample_rate": 4, "resample_method": "projection",
+                        "has_moe": True, "projector_type": "moe_mlp", "num_experts": experts,
+                        "router_method": "router_task_token", "num_task_tokens": 1, "task_token_c": 384,
+                        "router_type": router, "llm_model_name": "llama2", "lora_target_modules": ["all"],
+                        "lora_r": 8, "lora_alpha": 16, "chat_template": True, "end_sym": "</s>"},
+              "run": {"seed": 42}}
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "config": config,
+                "scaler": None, "epoch": 3}, path)
+
+
+def logits_of(model: UniMed, images, instructions, answers, task):
+    """The LLaMA's logits [B, T, V] on a teacher-forced batch, the image embeddings and routing weights."""
+    with torch.no_grad():
+        embeds, mask, _, weights = model.training_inputs(images, instructions, answers, task)
+        return model.llama(inputs_embeds=embeds, attention_mask=mask), embeds, weights
+
+
+def test_official_checkpoint_gives_identical_logits(demo, tmp_path, capsys):
+    llama_dir, vit_path, data_root = demo
+    source = tiny_model(demo, ConnectorConfig(experts=5, router="soft"), seed=1)
+    n_layers = len(source.llama.layers)
+    state = to_official(source.trainable_state_dict())
+    lora = {k for k in state if k.startswith("llm_model.")}
+    assert lora == peft_lora_names(n_layers)  # the names really are peft's
+    official_checkpoint(tmp_path / "checkpoint_3.pth", state, "soft", 5, n_layers)
+
+    ckpt_path = str(tmp_path / "checkpoint_3.pth")
+    loaded = evaluate.build_model(evaluate.read_checkpoint(ckpt_path), ckpt_path, llama_dir, vit_path, "cpu",
+                                  official_vit=train.DEMO_EVA)
+    batch = data.collate([data.load_datasets(data_root, "test", names=["slake_vqa"])["slake_vqa"][i]
+                          for i in range(3)], image_size=source.image_size)
+    args = (batch.images, batch.instructions, batch.answers, batch.task)
+    for a, b in zip(logits_of(source, *args), logits_of(loaded, *args)):
+        assert torch.equal(a, b)
+
+
+def test_official_hard_router_checkpoint_drops_the_unused_router(demo, tmp_path, capsys):
+    llama_dir, vit_path, data_root = demo
+    source = tiny_model(demo, ConnectorConfig(experts=5, router="hard"), seed=2)
+    state = to_official(source.trainable_state_dict())
+    assert not any(k.startswith(("router.", "task_tokens.")) for k in state)
+    # the official model also built (and saved) a router and task tokens it never used
+    width = 2 * 384
+    state.update({"router.fc1.weight": torch.randn(4 * width, width), "router.fc1.bias": torch.randn(4 * width),
+                  "router.fc2.weight": torch.randn(5, 4 * width), "router.fc2.bias": torch.randn(5),
+                  **{f"task_tokens.{t}": torch.randn(1, 1, 384) for t in ("vqa", "refer", "identify", "caption", "cls")}})
+    official_checkpoint(tmp_path / "checkpoint_0.pth", state, "hard", 5, len(source.llama.layers))
+    ckpt_path = str(tmp_path / "checkpoint_0.pth")
+    loaded = evaluate.build_model(evaluate.read_checkpoint(ckpt_path), ckpt_path, llama_dir, vit_path, "cpu",
+                                  official_vit=train.DEMO_EVA)
+    assert "dropped 9 official tensors" in capsys.readouterr().out
+    batch = data.collate([data.load_datasets(data_root, "test", names=["slake_rec"])["slake_rec"][i]
+                          for i in range(2)], image_size=source.image_size)
+    args = (batch.images, batch.instructions, batch.answers, batch.task)
+    for a, b in zip(logits_of(source, *args), logits_of(loaded, *args)):
+        assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------------------------------
+# The real thing, shortened: a demo training run, then `python evaluate.py ckpt.pt`
+
+@pytest.mark.slow
+def test_demo_training_then_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "MAX_NEW_TOKENS", 100)
+    monkeypatch.chdir(tmp_path)
+    train.main(["--iters", "30", "--out", "ckpt.pt"])
+    evaluate.main(["ckpt.pt", "--limit", "8"])
+    results = json.load(open(tmp_path / "eval_ckpt" / "results.json"))
+    assert set(results["datasets"]) == set(data.DATASETS)

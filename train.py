@@ -1,0 +1,525 @@
+"""Training Uni-Med: one plain loop over the task mixture, on the built-in demo or on the real data.
+
+    python train.py --router soft --experts 5              # the demo: tiny weights + miniature data
+    python train.py --llama Llama-2-7b-chat-hf --vit eva_vit_g.safetensors --data-root data \\
+                    --router soft --experts 5              # the paper's run (spec section 8)
+    torchrun --nproc_per_node 8 train.py ...               # the same run on 8 GPUs (DDP)
+
+Each step draws one dataset of the mixture by its sampling ratio and a batch from it, so a batch
+has one task (as the official loader does), runs the frozen ViT and LLaMA with the trainable
+connector and LoRA, and takes one AdamW step. Only the trainable weights are ever saved.
+
+What makes a run reproducible, and resumable exactly:
+- the mixture is one seeded sampler shared by every rank; a step draws ONE global batch of
+  batch_size x grad_accum x world samples, and micro-batch m (of M = grad_accum x world) takes the
+  samples m::M. One process with --grad-accum 2 and two processes with --grad-accum 1 therefore
+  compute the same gradient, and the sampler's state is the whole data state.
+- dropout (LoRA's) draws from the torch RNG, which is re-seeded from (seed, step, micro-batch)
+  before every forward, so a resumed or distributed run draws the same masks.
+- checkpoints hold the trainable weights, the optimizer, the scheduler, the sampler, the RNG states,
+  the config and the step; they are written to a temporary file and renamed, so a crash mid-save
+  leaves the previous checkpoint intact, and a NaN loss stops the run before anything is saved.
+"""
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import data
+from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
+from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt, save_pretrained
+from vision import EVAConfig, EVAViT
+
+# -------------------------------------------------------------------------------------------------
+# Schedules: the paper's (default), the official config's, and the demo's
+
+SCHEDULES = {
+    # spec section 8, paper column: AdamW(0.9, 0.95), 10k warmup to 1e-6, per-step cosine to 1e-7
+    "paper": dict(iters=100_000, lr=1e-6, warmup=10_000, warmup_lr=1e-7, min_lr=1e-7, cosine=True,
+                  betas=(0.9, 0.95)),
+    # official train_configs/uni_med.yaml + LAVIS runner: 5k warmup from 1e-6 to 1e-5, then the
+    # per-epoch cosine with max_epoch 1 never moves, so the lr stays 1e-5; AdamW's default betas
+    "official": dict(iters=50_000, lr=1e-5, warmup=5_000, warmup_lr=1e-6, min_lr=1e-5, cosine=False,
+                     betas=(0.9, 0.999)),
+    # the built-in demo: tiny models learn in minutes only with a far larger lr and few steps
+    "demo": dict(iters=1000, lr=3e-3, warmup=20, warmup_lr=0.0, min_lr=1e-4, cosine=True,
+                 betas=(0.9, 0.95)),
+}
+
+
+def lr_at(step: int, s: dict) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine decay per step."""
+    if step < s["warmup"]:
+        return s["warmup_lr"] + (s["lr"] - s["warmup_lr"]) * step / s["warmup"]
+    if not s["cosine"]:
+        return s["lr"]
+    progress = min(1.0, (step - s["warmup"]) / max(1, s["iters"] - s["warmup"]))
+    return s["min_lr"] + 0.5 * (s["lr"] - s["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """The flags. With suppress=True, unset flags are absent (to see what a user gave on --resume)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                argument_default=argparse.SUPPRESS if suppress else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    g = p.add_argument_group("weights and data (none given: the built-in demo)")
+    g.add_argument("--llama", help="LLaMA-2-7b-chat-hf directory (config.json, safetensors, tokenizer.model)")
+    g.add_argument("--vit", help="EVA ViT-G .safetensors (python vision.py convert eva_vit_g.pth ...)")
+    g.add_argument("--data-root", help="dataset root in the official layout (spec section 7)")
+    g = p.add_argument_group("model: every Table 2 ablation is a flag")
+    g.add_argument("--resampler", choices=RESAMPLERS, help="Table 2(b): visual token resampler (default projection)")
+    g.add_argument("--rate", type=int, help="Table 2(b): tokens merged into one by the resampler (default 4)")
+    g.add_argument("--connector", choices=CONNECTORS, help="Table 2(a): linear, mlp, or Connector-MoE (default moe)")
+    g.add_argument("--experts", type=int, help="Table 2(c): number of connector experts N (default 5)")
+    g.add_argument("--router", choices=ROUTERS, help="Table 2(a): router type (default soft, Eq. 14)")
+    g.add_argument("--router-input", choices=ROUTER_INPUTS, help="Table 2(a): what the router sees (default token_task)")
+    g.add_argument("--top-k", type=int, help="experts kept by the sparse router and by LoRA-MoE (default 2)")
+    g.add_argument("--router-hidden", type=int, help="router hidden width (default: official 4 x its input)")
+    g.add_argument("--lora-r", type=int, help="Table 2(d): LoRA rank (default 8; 4 with --lora-moe)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16; 8 with --lora-moe)")
+    g.add_argument("--lora-moe", action="store_true", default=None,
+                   help="Table 2(e): LoRA-MoE, 5 LoRA experts per layer with a top-k router")
+    g = p.add_argument_group("optimisation (defaults: the paper's, or the demo's on the demo)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="lr schedule and AdamW betas: paper (default), "
+                   "official (spec section 8), demo (default without weights)")
+    g.add_argument("--iters", type=int, help="optimizer steps (paper 100k)")
+    g.add_argument("--batch-size", type=int, help="samples per micro-batch per process (default 4)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (paper 1e-6)")
+    g.add_argument("--seed", type=int, help="seed of the model init, the mixture and dropout (default 42)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="checkpoint path (default ckpt.pt); its log goes to OUT minus .pt + .jsonl")
+    g.add_argument("--resume", help="checkpoint to continue from, exactly (its flags are reused)")
+    g.add_argument("--log-every", type=int, help="steps between JSONL log lines (default 10)")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints (default 1000; 0: at the end only)")
+    g.add_argument("--device", help="cuda, cpu, cuda:1 ... (default cuda if available)")
+    g.add_argument("--dtype", choices=("bf16", "fp32"), help="frozen base weights and autocast "
+                   "(default bf16 on CUDA, fp32 on CPU); trainable weights are always fp32")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute LLaMA blocks in backward (default on with CUDA)")
+    del add
+    return p
+
+
+DEFAULTS = dict(resampler="projection", rate=4, connector="moe", experts=5, router="soft",
+                router_input="token_task", top_k=2, router_hidden=None, lora_moe=False,
+                batch_size=4, grad_accum=1, seed=42, out="ckpt.pt", log_every=10, save_every=1000)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags, filled in: the checkpoint's flags on --resume, then the schedule's and DEFAULTS."""
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        given = vars(build_parser(suppress=True).parse_args(argv))
+        saved = torch.load(args.resume, map_location="cpu", weights_only=True)["config"]["args"]
+        args = argparse.Namespace(**{**saved, **given})
+    paths = {"--llama": args.llama, "--vit": args.vit, "--data-root": args.data_root}
+    if any(paths.values()) and not all(paths.values()):
+        missing = " ".join(k for k, v in paths.items() if not v)
+        sys.exit(f"train.py: real runs need --llama, --vit and --data-root together; missing {missing}")
+    args.demo = not any(paths.values())
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.schedule = args.schedule or ("demo" if args.demo else "paper")
+    sched = SCHEDULES[args.schedule]
+    args.iters = args.iters or sched["iters"]
+    args.lr = args.lr or sched["lr"]
+    if args.lora_r is None:
+        args.lora_r = 4 if args.lora_moe else 8  # spec section 3: LoRA-MoE r 4, alpha 8
+    if args.lora_alpha is None:
+        args.lora_alpha = 8.0 if args.lora_moe else 16.0
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.grad_checkpointing is None:
+        args.grad_checkpointing = args.device.startswith("cuda")
+    return args
+
+
+def schedule_of(args) -> dict:
+    return {**SCHEDULES[args.schedule], "iters": args.iters, "lr": args.lr}
+
+
+# -------------------------------------------------------------------------------------------------
+# The demo: data.make_demo plus tiny base weights written in the official formats
+
+DEMO_DIR = "demo"
+DEMO_LLAMA = dict(dim=192, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=512, vocab_size=640, max_seq_len=512)
+DEMO_EVA = EVAConfig(img_size=56, patch_size=14, width=96, depth=2, num_heads=4, mlp_dim=384)
+DEMO_PRETRAIN = dict(steps=300, batch=16, block=96, lr=3e-3)  # next-token pre-training of the LLaMA
+
+
+def demo_paths(root: str = DEMO_DIR) -> tuple[str, str, str]:
+    return os.path.join(root, "llama"), os.path.join(root, "eva.safetensors"), os.path.join(root, "data")
+
+
+def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int = 0) -> None:
+    """Write what a real run downloads, in miniature: the datasets (data.make_demo), a tiny EVA
+    (.safetensors, official key names) and a tiny LLaMA (HF directory + sentencepiece tokenizer).
+
+    A frozen random LLaMA is no base for LoRA to adapt, so the tiny LLaMA is pre-trained for a few
+    hundred steps on the demo's training text: it then models the language, and the connector has
+    to bring in what only the image shows. Deterministic for a given seed.
+    """
+    llama_dir, vit_path, data_root = demo_paths(root)
+    if not os.path.isdir(data_root):
+        data.make_demo(data_root, seed=seed)
+    if not os.path.exists(vit_path):
+        torch.manual_seed(seed)
+        vit = EVAViT(DEMO_EVA)
+        # EVA initialises these with a truncated normal; EVAViT leaves zeros for the checkpoint to fill
+        torch.nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+        torch.nn.init.trunc_normal_(vit.cls_token, std=0.02)
+        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, vit_path + ".tmp",
+                  metadata={"format": "pt"})
+        os.replace(vit_path + ".tmp", vit_path)
+    if not os.path.exists(os.path.join(llama_dir, "model.safetensors")):
+        texts = demo_texts(data_root)
+        os.makedirs(llama_dir, exist_ok=True)
+        write_tokenizer(texts, os.path.join(llama_dir, "tokenizer.model"), DEMO_LLAMA["vocab_size"])
+        tokenizer = Tokenizer(os.path.join(llama_dir, "tokenizer.model"))
+        config = LlamaConfig(**{**DEMO_LLAMA, "vocab_size": tokenizer.vocab_size})
+        torch.manual_seed(seed)
+        llama = Llama(config)
+        for module in llama.modules():  # the usual LM init: small weights, so early training is stable
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(module.weight, std=0.02)
+        pretrain_llama(llama, tokenizer, texts, seed=seed, **pretrain)
+        save_pretrained(llama, config, llama_dir)
+
+
+def demo_texts(data_root: str) -> list[str]:
+    """The training split's prompts and answers as chat text, the way Uni-Med will see them
+    (training templates taken in turn)."""
+    texts = []
+    for dataset in data.load_datasets(data_root, "train", train=True).values():
+        for i in range(len(dataset)):
+            s = dataset.get(i, i % len(dataset.templates))
+            texts.append(f"{build_prompt(s.instruction, s.image is not None, True)} {s.answer}")
+    return texts
+
+
+def write_tokenizer(texts: list[str], path: str, vocab_size: int) -> None:
+    """Train a LLaMA-style sentencepiece BPE (byte fallback, split digits, <unk>/<s>/</s> = 0/1/2)."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True, num_threads=1,
+        input_sentence_size=0, shuffle_input_sentence=False, hard_vocab_limit=False, minloglevel=2)
+    with open(path + ".tmp", "wb") as f:
+        f.write(model.getvalue())
+    os.replace(path + ".tmp", path)
+
+
+def pretrain_llama(llama, tokenizer, texts, steps, batch, block, lr, seed) -> None:
+    """nanoGPT-style next-token training on the concatenated texts (random windows of `block`)."""
+    stream = torch.tensor([t for text in texts for t in tokenizer.encode(text, bos=True) + [tokenizer.eos_id]])
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(llama.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    llama.train()
+    bar = tqdm(range(steps), desc="demo: pre-training the tiny LLaMA", leave=False)
+    for step in bar:
+        start = torch.randint(len(stream) - block - 1, (batch,), generator=g)
+        x = torch.stack([stream[s:s + block + 1] for s in start.tolist()])  # [batch, block + 1]
+        logits = llama(x[:, :-1])  # [batch, block, vocab]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        for group in opt.param_groups:  # cosine to zero: the last steps settle the weights
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    llama.eval()
+
+
+# -------------------------------------------------------------------------------------------------
+# Model, optimizer, data
+
+def unimed_config(args) -> UniMedConfig:
+    connector = ConnectorConfig(resampler=args.resampler, rate=args.rate, connector=args.connector,
+                                experts=args.experts, router=args.router, router_input=args.router_input,
+                                top_k=args.top_k, router_hidden=args.router_hidden)
+    return UniMedConfig(connector=connector, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                        lora_experts=5 if args.lora_moe else 1, lora_top_k=args.top_k)
+
+
+def make_optimizer(model, lr, betas) -> torch.optim.AdamW:
+    """AdamW, weight decay 0.05 on matrices only: none on 1-d params (biases, task-token rows)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def micro_batches(samples: list, rank: int, world: int, accum: int) -> list[list]:
+    """This rank's micro-batches of one global batch: micro-batch m of M = accum x world is samples[m::M]."""
+    M = accum * world
+    return [samples[i * world + rank::M] for i in range(accum)]
+
+
+def num_image_tokens(connector: ConnectorConfig, vit: EVAConfig) -> int:
+    """Visual tokens per image that reach the LLaMA (64 for ViT-G at 224 with rate 4)."""
+    patches = vit.grid ** 2
+    return patches if connector.resampler == "none" else patches // connector.rate
+
+
+def count_tokens(tokenizer, batch, image_tokens: int) -> int:
+    """Sequence tokens of a batch (BOS + prompt + image + answer + EOS), for tokens/s."""
+    n = sum(len(tokenizer.encode(f"{build_prompt(i, batch.images is not None, True)} {a}", bos=True)) + 1
+            for i, a in zip(batch.instructions, batch.answers))
+    return n + (image_tokens * len(batch.instructions) if batch.images is not None else 0)
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def rng_state() -> dict:
+    """Every RNG the run touches, as tensors and plain types (torch.load(weights_only=True) safe)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, ckpt: dict) -> None:
+    """Atomic: write path.tmp, then rename over path. A crash mid-write leaves the old file intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+# -------------------------------------------------------------------------------------------------
+# The loop
+
+class Stop(Exception):
+    """Raised to end the run early with a message (NaN loss)."""
+
+
+def main(argv=None, stop_at=None) -> dict:
+    """Train; returns the last checkpoint dict. `stop_at` ends the run early at that step, with a
+    checkpoint, as Ctrl-C does (the tests use it to compare a resumed run with a straight one)."""
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    main_rank = rank == 0
+
+    # Weights and data: the demo is built once (by rank 0) when no paths were given
+    llama_dir, vit_path, data_root = demo_paths() if args.demo else (args.llama, args.vit, args.data_root)
+    if args.demo:
+        if main_rank:
+            print(f"No --llama/--vit/--data-root given: running the built-in demo (tiny weights and data "
+                  f"in {DEMO_DIR}/). Real run: python train.py --llama DIR --vit eva_vit_g.safetensors "
+                  f"--data-root DIR --router {args.router} --experts {args.experts}")
+            build_demo()
+        if world > 1:
+            dist.barrier()
+    schedule = schedule_of(args)
+    if main_rank:
+        print(f"schedule {args.schedule}: {args.iters} steps, lr {args.lr:g} (warmup {schedule['warmup']} "
+              f"from {schedule['warmup_lr']:g}, {'cosine to ' + format(schedule['min_lr'], 'g') if schedule['cosine'] else 'then constant'}), "
+              f"AdamW betas {schedule['betas']}, batch {args.batch_size} x accum {args.grad_accum} x "
+              f"{world} process(es), seed {args.seed}")
+
+    torch.manual_seed(args.seed)  # same initial trainable weights on every rank
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    vit_config = DEMO_EVA if args.demo else EVAConfig()
+    model = UniMed.from_pretrained(llama_dir, vit_path, unimed_config(args), vit_config=vit_config,
+                                   dtype=dtype, device=device)
+    model.set_gradient_checkpointing(args.grad_checkpointing)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, schedule["lr"], schedule["betas"])
+    # LambdaLR scales the peak lr by lr_at(step) / peak, stepping once per optimizer step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, schedule) / schedule["lr"])
+    datasets = data.load_datasets(data_root, "train", train=True)
+    mixture = data.Mixture(datasets, data.RATIOS, args.batch_size * args.grad_accum * world, seed=args.seed)
+
+    config = {"unimed": model.config.to_dict(), "vit": asdict(vit_config), "llama_dir": llama_dir,
+              "vit_path": vit_path, "data_root": data_root, "demo": args.demo,
+              "args": {k: v for k, v in vars(args).items() if k not in ("resume", "demo")}}
+    step = 0
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        model.load_trainable_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        mixture.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        if main_rank:
+            print(f"resumed from {args.resume} at step {step}")
+
+    def checkpoint() -> dict:
+        return {"format": "unimed-ckpt", "step": step, "config": config, "model": model.trainable_state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "sampler": mixture.state_dict(), "rng": rng_state()}
+
+    net = model
+    if world > 1:
+        # Only trainable parameters are reduced. A batch has one task, so the task tokens of the
+        # other tasks (and, for QA, the whole connector) get no gradient: find_unused_parameters.
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    # Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once.
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        if main_rank:
+            tqdm.write("stopping after this step (Ctrl-C again to abort without saving)")
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
+
+    log_path = os.path.splitext(args.out)[0] + ".jsonl"
+    log = open(log_path, "a") if main_rank else None
+    window = new_window()
+    image_tokens = num_image_tokens(model.config.connector, vit_config)
+    bar = tqdm(total=args.iters, initial=step, desc="train", disable=not main_rank, dynamic_ncols=True)
+    last = None
+    try:
+        while step < args.iters:
+            t0 = time.perf_counter()
+            samples = mixture.next_batch()  # one dataset, batch_size x grad_accum x world samples
+            task = samples[0].task
+            loss_sum, tokens, routing = torch.zeros((), device=device), 0, None
+            for i, micro in enumerate(micro_batches(samples, rank, world, args.grad_accum)):
+                batch = data.collate(micro, image_size=model.image_size)
+                images = batch.images.to(device) if batch.images is not None else None
+                # dropout masks depend on (seed, step, micro-batch) only: exact resume and DDP
+                torch.manual_seed((args.seed * 1_000_003 + step) * 4099 + i * world + rank)
+                sync = net.no_sync() if world > 1 and i < args.grad_accum - 1 else contextlib.nullcontext()
+                with sync:  # UniMed runs its maths under autocast in the base dtype (bf16)
+                    loss, weights = net(images, batch.instructions, batch.answers, batch.task)
+                    (loss / args.grad_accum).backward()
+                loss_sum += loss.detach().float() / args.grad_accum
+                tokens += count_tokens(model.tokenizer, batch, image_tokens)
+                if weights is not None:
+                    routing = weights.detach().float().mean(dim=(0, 1))  # [N]
+            if world > 1:  # every rank sees the same loss and stop request, so all stop together
+                shared = torch.stack([loss_sum, torch.tensor(float(stop["requested"]), device=device)])
+                dist.all_reduce(shared)
+                loss_sum, stop["requested"] = shared[0] / world, bool(shared[1] > 0)
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value):
+                raise Stop(f"loss is {loss_value} at step {step + 1} (task {task!r}, dataset "
+                           f"{samples[0].dataset!r}); stopping without saving, {args.out} keeps the "
+                           f"last good checkpoint")
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf")).item()  # measure only
+            if not math.isfinite(grad_norm):
+                raise Stop(f"gradient norm is {grad_norm} at step {step + 1} (task {task!r}, dataset "
+                           f"{samples[0].dataset!r}); stopping without saving, {args.out} keeps the "
+                           f"last good checkpoint")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            seconds = time.perf_counter() - t0
+            window_add(window, task, loss_value, tokens * world, seconds, routing)
+            bar.update(1)
+            bar.set_postfix_str(f"{task} loss {loss_value:.3f} lr {scheduler.get_last_lr()[0]:.1e} gn {grad_norm:.2f}")
+            if main_rank and (step % args.log_every == 0 or step == args.iters):
+                record = window_record(window, step, scheduler.get_last_lr()[0], grad_norm, device)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                window = new_window()
+            if step == args.iters or stop["requested"] or step == stop_at or \
+                    (args.save_every and step % args.save_every == 0):
+                last = checkpoint()
+                if main_rank:
+                    save_checkpoint(args.out, last)
+                if world > 1:
+                    dist.barrier()
+                if stop["requested"] or step == stop_at:
+                    if main_rank:
+                        tqdm.write(f"stopped at step {step}; saved {args.out} (continue: --resume {args.out})")
+                    break
+    except Stop as e:
+        bar.close()
+        sys.exit(f"train.py: {e}")
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if main_rank and step == args.iters:
+        print(f"done: {step} steps; checkpoint {args.out}, log {log_path}")
+    return last
+
+
+# Log windows: per-task means of the loss and the routing weights over the last log_every steps
+
+def new_window() -> dict:
+    return {"steps": 0, "loss": 0.0, "tokens": 0, "seconds": 0.0, "task_loss": {}, "routing": {}}
+
+
+def window_add(w, task, loss, tokens, seconds, routing) -> None:
+    w["steps"] += 1
+    w["loss"] += loss
+    w["tokens"] += tokens
+    w["seconds"] += seconds
+    w["task_loss"].setdefault(task, []).append(loss)
+    if routing is not None:
+        w["routing"].setdefault(task, []).append(routing)
+
+
+def window_record(w, step, lr, grad_norm, device) -> dict:
+    if device.type == "cuda":
+        peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        import resource  # peak resident memory of the process (kilobytes on Linux)
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"step": step, "loss": round(w["loss"] / w["steps"], 5),
+            "task_loss": {t: round(sum(v) / len(v), 5) for t, v in sorted(w["task_loss"].items())},
+            "lr": lr, "grad_norm": round(grad_norm, 5), "tokens_per_s": round(w["tokens"] / w["seconds"], 1),
+            "peak_mem_gb": round(peak_gb, 3),
+            "routing": {t: [round(x, 4) for x in torch.stack(v).mean(0).tolist()]
+                        for t, v in sorted(w["routing"].items())}}
+
+
+if __name__ == "__main__":
+    main()

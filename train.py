@@ -56,7 +56,7 @@ SCHEDULES = {
     "official": dict(iters=50_000, lr=1e-5, warmup=5_000, warmup_lr=1e-6, min_lr=1e-5, cosine=False,
                      betas=(0.9, 0.999)),
     # the built-in demo: tiny models learn in minutes only with a far larger lr and few steps
-    "demo": dict(iters=1000, lr=3e-3, warmup=20, warmup_lr=0.0, min_lr=1e-4, cosine=True,
+    "demo": dict(iters=3000, lr=3e-3, warmup=20, warmup_lr=0.0, min_lr=1e-4, cosine=True,
                  betas=(0.9, 0.95)),
 }
 
@@ -412,6 +412,8 @@ def main(argv=None, stop_at=None) -> dict:
         if threading.current_thread() is threading.main_thread() else {}
 
     log_path = os.path.splitext(args.out)[0] + ".jsonl"
+    if main_rank:
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     log = open(log_path, "a") if main_rank else None
     window = new_window()
     image_tokens = num_image_tokens(model.config.connector, vit_config)

@@ -563,7 +563,7 @@ def bar_chart(groups: list, series: dict, title: str, ylabel: str, xlabel: str, 
     y_of = lambda v: top + plot_h - (v - lo) / (hi - lo) * plot_h
     for v in ticks:  # horizontal grid and tick labels
         draw.line([(left, y_of(v)), (left + plot_w, y_of(v))], fill=LIGHT)
-        text(img, (left - 6, y_of(v)), f"{v:.2f}", 12, "rm")
+        text(img, (left - 6, y_of(v)), tick_label(v, ticks[1] - ticks[0]), 12, "rm")
     draw.line([(left, y_of(0)), (left + plot_w, y_of(0))], fill=GREY)
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline=BLACK)
     x0 = left + (plot_w - group_w * len(groups)) // 2
@@ -587,6 +587,12 @@ def bar_chart(groups: list, series: dict, title: str, ylabel: str, xlabel: str, 
         draw.rectangle([left + plot_w + 16, y, left + plot_w + 30, y + 14], fill=swatch)
         text(img, (left + plot_w + 36, y + 7), label, 13, "lm")
     return img
+
+
+def tick_label(v: float, step: float) -> str:
+    """A tick value with as many decimals as the tick step needs (0.25 steps: two; 0.005: three)."""
+    decimals = next(d for d in range(10) if abs(round(step, d) - step) <= 1e-9 * step)
+    return f"{v:.{decimals}f}"
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list:
@@ -816,7 +822,7 @@ def main(argv=None):
     p.add_argument("--vit", help="EVA ViT-g .safetensors (default: the one recorded in the checkpoint)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
-    labels = args.labels.split(",") if args.labels else [None] * len(args.inputs)
+    labels = args.labels.split(",") if args.labels else default_labels(args.inputs)
     if len(labels) != len(args.inputs):
         sys.exit(f"error: --labels names {len(labels)} inputs, but {len(args.inputs)} were given")
     try:
@@ -831,11 +837,19 @@ def main(argv=None):
                         r["label"] = label
                 runs += earlier
             else:
-                runs.append(analyse_checkpoint(path, label or os.path.splitext(os.path.basename(path))[0],
-                                               config, args))
+                runs.append(analyse_checkpoint(path, label, config, args))
         report(runs, args.out)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+def default_labels(paths: list) -> list:
+    """Checkpoints: file names without extension, or parent/name where two share a name (a/ckpt.pt,
+    b/ckpt.pt). Earlier runs (.json) keep the labels they were saved with (None)."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) < len(stems):
+        stems = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), s) for p, s in zip(paths, stems)]
+    return [None if p.endswith(".json") else s for p, s in zip(paths, stems)]
 
 
 def analyse_checkpoint(path: str, label: str, config: AnalysisConfig, args) -> dict:

@@ -159,7 +159,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # [B, Hkv, past + T, d]
+            cached_k, cached_v = cache.update(layer, k, v)  # [B, Hkv, past + T, d], views into the cache
+            if cache.length:  # decoding attends over the cache; a prefill's own (contiguous) k, v are all there is
+                k, v = cached_k, cached_v
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group of q heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)

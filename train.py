@@ -266,7 +266,8 @@ def unimed_config(args) -> UniMedConfig:
 
 
 def make_optimizer(model, lr, betas) -> torch.optim.AdamW:
-    """AdamW, weight decay 0.05 on matrices only: none on 1-d params (biases, task-token rows)."""
+    """AdamW with weight decay 0.05, none on 1-d parameters and biases (as the LAVIS runner does;
+    the task tokens are [1, 1, D] tensors, so they are decayed there as here)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -264,8 +264,8 @@ def build_model(ckpt: dict, path: str, llama_dir: Optional[str], vit_path: Optio
 # Scores (the official eval_*.py scripts, through metrics.py)
 
 def is_closed(answer_type) -> bool:
-    # Slake labels questions OPEN / CLOSED; eval_vqa.py maps Path-VQA's "yes/no" to CLOSED
-    return str(answer_type).upper() in ("CLOSED", "YES/NO")
+    # Slake labels questions OPEN / CLOSED; data.py already maps Path-VQA's "yes/no" to CLOSED, as eval_vqa.py does
+    return str(answer_type).upper() == "CLOSED"
 
 
 def sample_scores(task: str, r: dict) -> dict:
@@ -402,7 +402,7 @@ def generate_batch(model: UniMed, samples: list) -> list:
     for s, out in zip(samples, outputs):
         # The official cleaning (lower-case, no <unk>, strip); REC then drops spaces and needs the
         # answer to start with the box (data.parse_box), so lower-casing does not change its score.
-        r = {"id": s.id, "prompt": build_prompt(s.instruction, s.image is not None, train=False),
+        r = {"id": s.id, "task": batch.task, "prompt": build_prompt(s.instruction, s.image is not None, train=False),
              "output": out, "prediction": metrics.clean_prediction(out), "reference": s.answer}
         if batch.task == "refer":
             r.update(box=list(s.box), image_size=list(s.image_size), pred_box=data.parse_box(r["prediction"]))

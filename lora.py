@@ -18,8 +18,9 @@ lora_B = Linear(N r, out) holds [B_1 ... B_N] side by side, so that
 sum_k R_k B_k A_k x = lora_B(R-weighted lora_A(x)): two matmuls for all experts, and plain LoRA is
 simply N = 1 without a router.
 
-Dtype: LoRA weights take the dtype and device of the layer they wrap (the training loop runs the
-whole model in bf16, so there is one dtype everywhere); merging computes B A in float32.
+Dtype: LoRA weights are created with the dtype and device of the layer they wrap; merging computes
+B A in float32. (UniMed then keeps every trainable weight, LoRA included, in float32 and runs the
+maths under bf16 autocast, since a bf16 weight cannot hold updates as small as lr 1e-6.)
 """
 import math
 

@@ -141,8 +141,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     args.schedule = args.schedule or ("demo" if args.demo else "paper")
     sched = SCHEDULES[args.schedule]
-    args.iters = args.iters or sched["iters"]
-    args.lr = args.lr or sched["lr"]
+    args.iters = sched["iters"] if args.iters is None else args.iters
+    args.lr = sched["lr"] if args.lr is None else args.lr
+    if args.iters < 1 or args.lr <= 0:
+        sys.exit(f"train.py: --iters must be >= 1 and --lr > 0 (got {args.iters} and {args.lr})")
+    if args.iters <= sched["warmup"]:
+        print(f"train.py: note: --iters {args.iters} ends inside the {args.schedule} schedule's "
+              f"{sched['warmup']}-step warmup, so the peak lr is never reached")
     if args.lora_r is None:
         args.lora_r = 4 if args.lora_moe else 8  # spec section 3: LoRA-MoE r 4, alpha 8
     if args.lora_alpha is None:
@@ -415,7 +420,7 @@ def main(argv=None, stop_at=None) -> dict:
     log_path = os.path.splitext(args.out)[0] + ".jsonl"
     if main_rank:
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    log = open(log_path, "a") if main_rank else None
+    log = open(log_path, "a" if args.resume else "w") if main_rank else None  # a new run starts a new log
     window = new_window()
     image_tokens = num_image_tokens(model.config.connector, vit_config)
     bar = tqdm(total=args.iters, initial=step, desc="train", disable=not main_rank, dynamic_ncols=True)

@@ -242,7 +242,7 @@ def test_clear_errors():
 
 
 def test_bf16_connector_with_fp32_features():
-    """The training loop runs the connector in bf16 while ln_vision's output is float32."""
+    """A bf16 connector (e.g. loaded for inference) takes ln_vision's float32 output."""
     connector = small().to(torch.bfloat16)
     embeds, w = connector(features(), "cls")
     assert embeds.dtype == torch.bfloat16 and w.dtype == torch.float32

@@ -551,6 +551,8 @@ def build_prompt(instruction: str, has_image: bool, train: bool) -> str:
 
 
 class UniMed(nn.Module):
+    """Uni-Med from its parts: the loaded (frozen) ViT and LLaMA, plus a fresh connector and LoRA."""
+
     def __init__(self, config: UniMedConfig, llama: Llama, vit: EVAViT, tokenizer: Optional[Tokenizer]):
         super().__init__()
         self.config = config

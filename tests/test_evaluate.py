@@ -344,6 +344,7 @@ def test_official_hard_router_checkpoint_drops_the_unused_router(demo, tmp_path,
 def test_full_demo_scores_above_chance(tmp_path, monkeypatch):
     """README command 1 as it runs (the default 3000 demo steps, ~6 min on 2 cores), then the
     evaluation: the image tasks must beat their chance levels (data.DEMO_CHANCE) by a clear margin."""
+    monkeypatch.setattr(evaluate, "MAX_NEW_TOKENS", 100)  # the official length, not short_answers' 8
     monkeypatch.chdir(tmp_path)
     train.main([])
     evaluate.main(["ckpt.pt"])

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import data
 import metrics
-from model import UniMed, UniMedConfig, build_prompt
+from model import UniMed, UniMedConfig, build_prompt, write_json
 from vision import EVAConfig
 
 MAX_NEW_TOKENS = 100  # eval_configs/uni_med_benchmark_evaluation.yaml
@@ -439,12 +439,6 @@ def format_tables(results: dict, paper: bool) -> str:
 
 def fmt(value) -> str:
     return "   -   " if value is None else f"{value:7.2f}"
-
-
-def write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[list] = None,

@@ -461,12 +461,13 @@ def save_pretrained(model: Llama, config: LlamaConfig, path: str, max_shard_size
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
-        _write_json(os.path.join(path, "model.safetensors.index.json"), index)
+        write_json(os.path.join(path, "model.safetensors.index.json"), index)
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    _write_json(os.path.join(path, "config.json"), {**config.to_hf(), "torch_dtype": dtype})
+    write_json(os.path.join(path, "config.json"), {**config.to_hf(), "torch_dtype": dtype})
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
+    """Atomically: path.tmp first, then renamed over path."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)

@@ -249,14 +249,7 @@ def build_model(ckpt: dict, path: str, llama_dir: Optional[str], vit_path: Optio
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = UniMed.from_pretrained(llama_dir, vit_path, cfg, vit_config=vit_cfg, dtype=dtype, device=device)
     state = official_to_ours(ckpt["model"], cfg, path) if official else ckpt["model"]
-    # Shapes first, so a checkpoint trained on other base weights says which tensor disagrees
-    expected = model.trainable_state_dict()
-    for name, t in state.items():
-        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{path}: '{name}' has shape {list(t.shape)} in the checkpoint, but the "
-                             f"model built from {llama_dir} and {vit_path} with the checkpoint's config "
-                             f"needs {list(expected[name].shape)} (other base weights or config?)")
-    model.load_trainable_state_dict(state)
+    model.load_trainable_state_dict(state, source=f"{path} (on the base weights {llama_dir} and {vit_path})")
     return model.eval()
 
 

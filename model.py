@@ -685,18 +685,21 @@ class UniMed(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Copy trained weights in. Shapes are checked first: a checkpoint trained on other base
+        weights then names the tensor and both shapes rather than a list of missing names."""
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        for name in params.keys() & state.keys():
+            if tuple(state[name].shape) != tuple(params[name].shape):
+                raise ValueError(f"{source}: '{name}' has shape {list(state[name].shape)}, "
+                                 f"the model needs {list(params[name].shape)}")
         missing = sorted(params.keys() - state.keys())
         unexpected = sorted(state.keys() - params.keys())
         if missing or unexpected:
             raise ValueError(f"{source}: trainable weights do not match this model: missing "
                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
                              f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        for name, p in params.items():
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise ValueError(f"{source}: '{name}' has shape {list(state[name].shape)}, "
-                                 f"the model needs {list(p.shape)}")
-            with torch.no_grad():
+        with torch.no_grad():
+            for name, p in params.items():
                 p.copy_(state[name])
 
 

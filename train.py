@@ -384,7 +384,7 @@ def main(argv=None, stop_at=None) -> dict:
     step = 0
     if args.resume:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-        model.load_trainable_state_dict(ckpt["model"])
+        model.load_trainable_state_dict(ckpt["model"], source=args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         mixture.load_state_dict(ckpt["sampler"])

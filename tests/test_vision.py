@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from vision import CLIP_MEAN, CLIP_STD, EVAConfig, EVAViT, convert, preprocess, resize_pos_embed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS_JSON = os.path.join(ROOT, "..", "shared", "reference", "eva_vit_g_keys.json")
+KEYS_JSON = os.path.join(ROOT, "tests", "data", "eva_vit_g_keys.json")  # copy of shared/reference
 SMALL = EVAConfig(img_size=56, patch_size=14, width=64, depth=3, num_heads=4, mlp_dim=172)
 
 

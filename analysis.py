@@ -59,7 +59,9 @@ from tqdm import tqdm
 
 import data
 from cmoe import IMAGE_TASKS, resample
+from files import write_json
 from lora import lora_layers
+from model import UniMed, checkpoint_data_root, read_checkpoint
 
 TASKS = IMAGE_TASKS + ("qa",)  # display order
 STORE = torch.bfloat16  # storage of the per-dataset and per-task mean gradients (see the docstring)
@@ -739,20 +741,6 @@ def save_png(img: Image.Image, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_json(path: str, obj) -> None:
-    def clean(x):  # JSON has no NaN or inf
-        if isinstance(x, float):
-            return x if math.isfinite(x) else None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    with open(path + ".tmp", "w") as f:
-        json.dump(clean(obj), f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def report(runs: list, out_dir: str) -> dict:
     """analysis.json and the figures for one or more analysed models (Figure 4 compares them)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -773,7 +761,7 @@ def report(runs: list, out_dir: str) -> dict:
         save_png(img, os.path.join(out_dir, name))
     result = {"format": "unimed-analysis", "runs": runs,
               "figures": {name: list(img.size) for name, img in sorted(figures.items())}}
-    write_json(os.path.join(out_dir, "analysis.json"), result)
+    write_json(os.path.join(out_dir, "analysis.json"), result, indent=1)
     print(f"analysis: {os.path.join(out_dir, 'analysis.json')} and {len(figures)} figures in {out_dir}")
     return result
 
@@ -802,7 +790,7 @@ def run(model, datasets: dict, out_dir: str, config: Optional[AnalysisConfig] = 
 
 
 # -------------------------------------------------------------------------------------------------
-# Command line: checkpoints are loaded by evaluate.py's code (the one place that knows the format)
+# Command line: checkpoints are loaded by model.UniMed.from_checkpoint (the one place that knows the format)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -853,17 +841,16 @@ def default_labels(paths: list) -> list:
 
 
 def analyse_checkpoint(path: str, label: str, config: AnalysisConfig, args) -> dict:
-    """Load one checkpoint as evaluate.py does, analyse it, free it (so two fit one after the other)."""
-    import evaluate  # lazy: it loads the model code, which the drawing half of this file does not need
-    ckpt = evaluate.read_checkpoint(path)
-    recorded = ckpt.get("config", {}).get("data_root") if ckpt.get("format") == "unimed-ckpt" else None
-    root = args.data_root or (recorded and evaluate.locate(recorded, path))
+    """Load one checkpoint (model.UniMed.from_checkpoint), analyse it, free it (so two fit one after
+    the other)."""
+    ckpt = read_checkpoint(path)
+    root = args.data_root or checkpoint_data_root(ckpt, path)
     if not root:
         raise ValueError(f"{path} does not record a data root: name it with --data-root")
     names = args.datasets.split(",") if args.datasets else None
     datasets = data.load_datasets(root, "train", names=names, train=False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = evaluate.build_model(ckpt, path, args.llama, args.vit, device)
+    model = UniMed.from_checkpoint(path, args.llama, args.vit, device, ckpt=ckpt)
     result = analyse(model, datasets, config, label)
     del model
     if device.startswith("cuda"):

@@ -29,23 +29,23 @@ The predictions files make a run resumable: samples already written are not gene
 batch is appended and flushed as soon as it is done, and a line cut short by a kill is dropped, so an
 interrupted run loses at most the batch in flight.
 
-Checkpoints: ours (train.py) or the official code's `checkpoint_N.pth`, whose trainable tensors are
-renamed to ours by `official_to_ours` (the one place that knows the official names).
+Checkpoints: ours (train.py) or the official code's `checkpoint_N.pth`, both loaded by
+`model.UniMed.from_checkpoint` (model.official_to_ours is the one place that knows the official names).
 """
 import argparse
 import json
 import os
-import re
 import sys
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
+import analysis
 import data
 import metrics
-from model import UniMed, UniMedConfig, build_prompt, write_json
-from vision import EVAConfig
+from files import write_json
+from model import UniMed, build_prompt, checkpoint_data_root, read_checkpoint
 
 MAX_NEW_TOKENS = 100  # eval_configs/uni_med_benchmark_evaluation.yaml
 GPU_BATCH_SIZE = 40  # idem
@@ -91,238 +91,6 @@ TABLES = [  # (title, [(dataset, [(metric, column label)])])
         ("medqa", [("acc", "Acc"), ("f1", "F1")]),
         ("pubmedqa", [("acc", "Acc"), ("f1", "F1")])]),
 ]
-
-
-# -------------------------------------------------------------------------------------------------
-# Checkpoints: ours, or the official code's
-
-def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint without unpickling code, with an error that says what is wrong with it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or a pickle of arbitrary objects
-        raise ValueError(f"{path}: cannot be read as a checkpoint with torch.load(weights_only=True) "
-                         f"(truncated, corrupted or not a checkpoint?): {e}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: not a Uni-Med checkpoint: expected a dict with a 'model' entry "
-                         f"(trainable weights), got {type(ckpt).__name__}"
-                         + (f" with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else ""))
-    if ckpt.get("format") == "unimed-ckpt":
-        missing = [k for k in ("config", "model") if k not in ckpt]
-        missing += [f"config.{k}" for k in ("unimed", "vit", "llama_dir", "vit_path", "data_root")
-                    if k not in ckpt.get("config", {})]
-        if missing:
-            raise ValueError(f"{path}: Uni-Med checkpoint without {', '.join(missing)}")
-        return ckpt
-    if "format" in ckpt:
-        raise ValueError(f"{path}: unknown checkpoint format {ckpt['format']!r} (expected 'unimed-ckpt')")
-    if not any(k.startswith(("llm_proj.", "task_tokens.", "llm_model.")) for k in ckpt["model"]):
-        raise ValueError(f"{path}: not a Uni-Med checkpoint: no 'format' entry (ours) and no "
-                         f"official tensors (llm_proj.*, task_tokens.*, llm_model.*) in 'model'")
-    return ckpt  # the official layout
-
-
-# Official names (uni_med/models/uni_med.py; peft wraps the LLaMA as llm_model.base_model.model):
-#   task_tokens.<task>                                       [1, 1, task_token_c]
-#   llm_proj.<k>.{0,2}.{weight,bias}                         expert k of moe_mlp (0 = Linear in,
-#                                                            1 = GELU, 2 = Linear out)
-#   llm_proj.{weight,bias} / llm_proj.{0,2}.*                linear / mlp2x_gelu connector
-#   router.fc1.*, router.fc2.*                               the router MLP
-#   llm_model.base_model.model.model.layers.<i>.{self_attn,mlp}.<proj>.lora_{A,B}.default.weight
-OFFICIAL_LORA = re.compile(r"llm_model\.base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
-                           r"(\w+_proj)\.lora_([AB])\.default\.weight")
-OFFICIAL_EXPERT = re.compile(r"llm_proj\.(\d+)\.([02])\.(weight|bias)")
-OFFICIAL_FROZEN = re.compile(r".*rotary_emb\.inv_freq")  # a buffer older transformers saved; recomputed
-
-
-def official_config(ckpt: dict, path: str) -> dict:
-    """Our UniMedConfig (as a dict) from the official run config saved in the checkpoint."""
-    model = (ckpt.get("config") or {}).get("model")
-    if not model:
-        raise ValueError(f"{path}: official checkpoint without its run config ('config' -> 'model'); "
-                         f"the router type and connector cannot be read from the tensors alone")
-    projector = model.get("projector_type")
-    moe = bool(model.get("has_moe")) and projector in ("moe_mlp", "moe_linear")
-    if projector not in ("linear", "mlp2x_gelu", "moe_mlp") or (projector == "moe_mlp") != moe:
-        raise ValueError(f"{path}: official projector_type {projector!r} (has_moe "
-                         f"{model.get('has_moe')}) has no equivalent here; supported: linear, "
-                         f"mlp2x_gelu, moe_mlp with has_moe")
-    if moe and model.get("num_task_tokens", 10) != 1:
-        raise ValueError(f"{path}: official num_task_tokens {model.get('num_task_tokens')} is not "
-                         f"supported (the official encode_img only works with 1)")
-    if model.get("lora_target_modules") not in (["all"], ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                          "gate_proj", "up_proj", "down_proj"]):
-        raise ValueError(f"{path}: official lora_target_modules {model.get('lora_target_modules')} "
-                         f"is not supported (only 'all')")
-    connector = {
-        "resampler": model.get("resample_method", "projection"),
-        "rate": model.get("resample_rate", 4),
-        "connector": {"linear": "linear", "mlp2x_gelu": "mlp", "moe_mlp": "moe"}[projector],
-        "experts": model.get("num_experts", 3) if moe else 1,
-        "router": model.get("router_type", "soft"),
-        "router_input": {"router_task_token": "token_task", "router_token": "token",
-                         "router_task": "task"}[model.get("router_method", "router_task_token")],
-        "top_k": model.get("sparse_topk", 2),
-    }
-    return {"connector": connector, "lora_r": model.get("lora_r", 64),
-            "lora_alpha": model.get("lora_alpha", 16), "lora_dropout": model.get("lora_dropout", 0.05)}
-
-
-def official_to_ours(state: dict, config: UniMedConfig, path: str = "checkpoint") -> dict:
-    """Rename the official trainable tensors to ours, dropping those the official model never uses.
-
-    The official code builds a router whenever it builds MoE experts, since its test
-    `router_type == 'soft' or 'sparse'` is always true, but a hard or constant router never calls it
-    (spec section 10); it also keeps task tokens that nothing reads (linear and MLP connectors, or a
-    router that sees the token only). We build neither, so such tensors are dropped, and we say so.
-    Our router reads [task token, token] in the official order, so its weights need no permutation.
-    """
-    c = config.connector
-    ours, dropped = {}, []
-    for key, t in state.items():
-        m_lora, m_expert = OFFICIAL_LORA.fullmatch(key), OFFICIAL_EXPERT.fullmatch(key)
-        if OFFICIAL_FROZEN.fullmatch(key):
-            dropped.append(key)
-        elif m_lora:
-            layer, block, proj, ab = m_lora.groups()
-            block = "attn" if block == "self_attn" else "mlp"
-            ours[f"llama.layers.{layer}.{block}.{proj}.lora_{ab}.weight"] = t
-        elif key.startswith("task_tokens."):
-            if c.uses_task_tokens:
-                ours[f"connector.{key}"] = t  # [1, 1, task_token_c]
-            else:
-                dropped.append(key)
-        elif key.startswith("router."):
-            if c.uses_router_network:
-                ours[f"connector.{key}"] = t  # router.fc1 / router.fc2, same names
-            else:
-                dropped.append(key)
-        elif c.connector == "moe" and m_expert:
-            k, layer, kind = m_expert.groups()
-            ours[f"connector.experts.{k}.{'fc1' if layer == '0' else 'fc2'}.{kind}"] = t
-        elif c.connector == "mlp" and (m := re.fullmatch(r"llm_proj\.([02])\.(weight|bias)", key)):
-            ours[f"connector.proj.{'fc1' if m.group(1) == '0' else 'fc2'}.{m.group(2)}"] = t
-        elif c.connector == "linear" and key in ("llm_proj.weight", "llm_proj.bias"):
-            ours[f"connector.proj.{key.split('.')[1]}"] = t
-        else:
-            raise ValueError(f"{path}: official tensor '{key}' {list(t.shape)} has no counterpart in "
-                             f"a model with connector {c.connector!r}, router {c.router!r}")
-    if dropped:
-        kinds = sorted({k.split(".")[0] for k in dropped})
-        print(f"{path}: dropped {len(dropped)} official tensors the official model never uses "
-              f"({', '.join(kinds)}; e.g. '{dropped[0]}')")
-    return ours
-
-
-# -------------------------------------------------------------------------------------------------
-# The model
-
-def locate(recorded: str, ckpt_path: str) -> str:
-    """A path recorded in a checkpoint: as written, else relative to the checkpoint's directory
-    (the demo records paths relative to where train.py ran, which is usually beside ckpt.pt)."""
-    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), recorded)
-    return recorded if os.path.exists(recorded) or os.path.isabs(recorded) or not os.path.exists(beside) else beside
-
-
-def build_model(ckpt: dict, path: str, llama_dir: Optional[str], vit_path: Optional[str],
-                device: str, official_vit: Optional[EVAConfig] = None) -> UniMed:
-    """UniMed on the base weights the checkpoint was trained on, with the checkpoint's trainable weights.
-
-    An official checkpoint always used EVA ViT-G (the official code accepts no other); its image
-    size comes from the run config. `official_vit` replaces ViT-G (tests use a tiny one).
-    """
-    official = ckpt.get("format") != "unimed-ckpt"
-    if official:
-        cfg = UniMedConfig.from_dict(official_config(ckpt, path))
-        vit_cfg = official_vit or EVAConfig(img_size=ckpt["config"]["model"].get("image_size", 224))
-        llama_dir = llama_dir or ckpt["config"]["model"].get("llm_model_path") or None
-        if not llama_dir or not vit_path:
-            raise ValueError(f"{path} is an official checkpoint: name its base weights with --llama "
-                             f"(HF Llama-2-7b-chat directory) and --vit (EVA ViT-g .safetensors)")
-    else:
-        cfg = UniMedConfig.from_dict(ckpt["config"]["unimed"])
-        vit_cfg = EVAConfig(**ckpt["config"]["vit"])
-        llama_dir = llama_dir or locate(ckpt["config"]["llama_dir"], path)
-        vit_path = vit_path or locate(ckpt["config"]["vit_path"], path)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = UniMed.from_pretrained(llama_dir, vit_path, cfg, vit_config=vit_cfg, dtype=dtype, device=device)
-    state = official_to_ours(ckpt["model"], cfg, path) if official else ckpt["model"]
-    model.load_trainable_state_dict(state, source=f"{path} (on the base weights {llama_dir} and {vit_path})")
-    return model.eval()
-
-
-# -------------------------------------------------------------------------------------------------
-# Scores (the official eval_*.py scripts, through metrics.py)
-
-def is_closed(answer_type) -> bool:
-    # Slake labels questions OPEN / CLOSED; data.py already maps Path-VQA's "yes/no" to CLOSED, as eval_vqa.py does
-    return str(answer_type).upper() == "CLOSED"
-
-
-def sample_scores(task: str, r: dict) -> dict:
-    """Per-sample scores written next to each prediction, for reading (the tables use dataset_scores)."""
-    refs, preds = [[r["reference"]]], [r["prediction"]]
-    if task == "refer":
-        iou = metrics.rec_iou(r["pred_box"], r["box"], r["image_size"])
-        return {"iou": iou, "hit": iou > 0.5}
-    if task == "caption":
-        if not r["prediction"] or not r["reference"]:
-            return {"dropped": True}  # the RG metrics skip empty pairs, as eval_caption.py does
-        return {**metrics.rouge(refs, preds), "meteor": metrics.meteor(refs, preds)}
-    if task == "cls":
-        return {"acc": metrics.exact_match(refs, preds)}
-    scores = {"bleu1": metrics.sentence_bleu(refs, preds)["bleu1"], "f1": metrics.token_f1(refs, preds)["f1"]}
-    if task == "vqa":
-        scores["contains"] = metrics.closed_accuracy(refs, preds)
-    else:
-        scores["acc"] = metrics.exact_match(refs, preds)
-    return scores
-
-
-def percent(scores: dict) -> dict:
-    return {k: 100.0 * v for k, v in scores.items()}
-
-
-def text_scores(records: list) -> dict:
-    """Sentence BLEU-1..4 and token F1, averaged over samples (VQA, REG, QA); None when empty."""
-    if not records:
-        return dict.fromkeys(("bleu1", "bleu2", "bleu3", "bleu4", "f1"))
-    refs, preds = [[r["reference"]] for r in records], [r["prediction"] for r in records]
-    return percent({**metrics.sentence_bleu(refs, preds), "f1": metrics.token_f1(refs, preds)["f1"]})
-
-
-def dataset_scores(task: str, records: list) -> dict:
-    """The metrics of one dataset, in percent, as the official script of its task computes them."""
-    if not records:
-        return {}
-    refs, preds = [[r["reference"]] for r in records], [r["prediction"] for r in records]
-    if task == "vqa":  # eval_vqa.py: all, open and closed subsets; "accuracy" on closed only
-        closed = [r for r in records if is_closed(r.get("answer_type"))]
-        opened = [r for r in records if not is_closed(r.get("answer_type"))]
-        out = text_scores(records)
-        out.update({f"open_{k}": v for k, v in text_scores(opened).items()})
-        out.update({f"closed_{k}": v for k, v in text_scores(closed).items()})
-        out["closed_acc"] = 100.0 * metrics.closed_accuracy(
-            [[r["reference"]] for r in closed], [r["prediction"] for r in closed]) if closed else None
-        return out
-    if task in ("identify", "qa"):  # eval_identify.py (QA: the same, not in the paper)
-        return {**text_scores(records), "acc": 100.0 * metrics.exact_match(refs, preds)}
-    if task == "cls":  # eval_cls.py
-        return {"acc": 100.0 * metrics.exact_match(refs, preds)}
-    if task == "refer":  # eval_ref.py: an unparsable answer has IoU 0
-        ious = [metrics.rec_iou(r["pred_box"], r["box"], r["image_size"]) for r in records]
-        return {"iou": 100.0 * sum(ious) / len(ious), "r@0.5": 100.0 * metrics.recall_at(ious)}
-    if task == "caption":  # eval_caption.py: empty predictions or references are dropped first
-        kept = [r for r in records if r["prediction"] and r["reference"]]
-        refs, preds = [[r["reference"]] for r in kept], [r["prediction"] for r in kept]
-        if not kept:
-            return {**dict.fromkeys(("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL",
-                                     "meteor")), "scored": 0}
-        return {**percent(metrics.corpus_bleu(refs, preds)), **percent(metrics.rouge(refs, preds)),
-                "meteor": 100.0 * metrics.meteor(refs, preds), "scored": len(kept)}
-    raise ValueError(f"no metrics for task {task!r}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -401,7 +169,7 @@ def generate_batch(model: UniMed, samples: list) -> list:
             r.update(box=list(s.box), image_size=list(s.image_size), pred_box=data.parse_box(r["prediction"]))
         if s.answer_type is not None:
             r["answer_type"] = s.answer_type
-        r["scores"] = sample_scores(batch.task, r)
+        r["scores"] = metrics.score_sample(batch.task, r)
         records.append(r)
     return records
 
@@ -439,12 +207,11 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
              llama: Optional[str] = None, vit: Optional[str] = None, device: Optional[str] = None,
              model: Optional[UniMed] = None) -> dict:
     """Score a checkpoint on the test splits; returns (and writes) results.json's content."""
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)  # read once: the data root is checked before the model loads
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = batch_size or (GPU_BATCH_SIZE if device.startswith("cuda") else CPU_BATCH_SIZE)
-    config = ckpt.get("config", {})
-    demo = bool(config.get("demo")) if ckpt.get("format") == "unimed-ckpt" else False
-    data_root = data_root or (config.get("data_root") and locate(config["data_root"], ckpt_path))
+    demo = ckpt.get("format") == "unimed-ckpt" and bool(ckpt["config"].get("demo"))
+    data_root = data_root or checkpoint_data_root(ckpt, ckpt_path)
     if not data_root:
         raise ValueError(f"{ckpt_path} does not record a data root: name it with --data-root")
     out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
@@ -455,7 +222,7 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
     if not datasets:
         raise FileNotFoundError(f"no test split of any dataset under {data_root} (expected the "
                                 f"official layout, e.g. {os.path.join(data_root, 'Slake-VQA', 'test.txt')})")
-    model = model or build_model(ckpt, ckpt_path, llama, vit, device)
+    model = model or UniMed.from_checkpoint(ckpt_path, llama, vit, device, ckpt=ckpt)
 
     results = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step", ckpt.get("epoch")),
                "data_root": os.path.abspath(data_root), "demo": demo, "limit": limit, "datasets": {}}
@@ -463,7 +230,7 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
         records = evaluate_dataset(model, name, dataset, out, batch_size, limit)
         task = data.TASK_OF[name]
         results["datasets"][name] = {"task": task, "n": len(records),
-                                     "metrics": dataset_scores(task, records)}
+                                     "metrics": metrics.score_dataset(task, records)}
     if not demo:
         results["paper"] = {n: PAPER[n] for n in results["datasets"] if n in PAPER}
     write_json(os.path.join(out, "results.json"), results)
@@ -494,7 +261,6 @@ def main(argv=None):
                    help="with --analysis: sampled training batches per dataset (paper 100)")
     args = p.parse_args(argv)
     if args.analysis:
-        import analysis  # the paper's Section 3.1.1 / 4.3 analysis; it loads checkpoints with this file's code
         forwarded = [f"--{flag.replace('_', '-')}={getattr(args, flag)}"
                      for flag in ("data_root", "datasets", "llama", "vit", "device")
                      if getattr(args, flag) is not None]

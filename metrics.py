@@ -53,8 +53,8 @@ mean of sentence scores. Measured on the 133 non-empty test pairs of tests/test_
 METEOR 1.5 gives 0.2454, ours 0.3953 (+0.15 absolute; nltk's untuned parameters are more lenient),
 so our METEOR is NOT comparable with the paper's column (`python bench/metrics.py --meteor-java`).
 
-Usage: python metrics.py predictions.jsonl  (fields: task, prediction, reference or references,
-answer_type for VQA, box [x, y, w, h] and image_size [W, H] for REC).
+Usage: python metrics.py predictions.jsonl  (fields: task, prediction, reference, answer_type for
+VQA, box [x, y, w, h] and image_size [W, H] for REC); evaluate.py scores with the same score_dataset.
 """
 import json
 import math
@@ -175,13 +175,6 @@ def closed_accuracy(references, predictions):
     _check(references, predictions, "closed_accuracy")
     return _mean([float(any(normalize_word(r) in normalize_word(p) for r in refs))
                   for refs, p in zip(references, predictions)])
-
-
-def yes_no_accuracy(references, predictions):
-    """closed_accuracy restricted to samples whose normalised reference is "yes" or "no"."""
-    _check(references, predictions, "yes_no_accuracy")
-    keep = [(refs, p) for refs, p in zip(references, predictions) if normalize_word(refs[0]) in ("yes", "no")]
-    return closed_accuracy([k[0] for k in keep], [k[1] for k in keep])
 
 
 def _check(references, predictions, name):
@@ -671,59 +664,116 @@ def recall_at(ious, threshold=0.5):
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. Command line: score a predictions file
+# 8. Scoring a dataset as the official eval_<task>.py scripts do (evaluate.py and the command line)
+#
+# A record is one scored sample: prediction (cleaned, see clean_prediction), reference, and where the
+# task needs them answer_type (VQA), box [x, y, w, h] / image_size [W, H] / pred_box (REC).
 
-def score_task(task, rows, path="<rows>"):
-    """Metrics of one task from prediction rows (dicts), as the official eval_<task>.py reports them."""
-    preds, refs = [], []
-    for i, row in enumerate(rows):
-        if "prediction" not in row:
-            raise ValueError(f"{path}: row {i} has no 'prediction' field")
-        ref = row.get("references", row.get("reference"))
-        if ref is None and task != "refer":
-            raise ValueError(f"{path}: row {i} has neither 'reference' nor 'references'")
-        preds.append(clean_prediction(str(row["prediction"])))
-        refs.append([ref] if isinstance(ref, str) else ref)
+def is_closed(answer_type):
+    # Slake labels questions OPEN / CLOSED; data.py maps Path-VQA's "yes/no" to CLOSED, as eval_vqa.py does
+    return str(answer_type).upper() == "CLOSED"
+
+
+def score_sample(task, r):
+    """Per-sample scores written next to each prediction, for reading (the tables use score_dataset)."""
+    refs, preds = [[r["reference"]]], [r["prediction"]]
     if task == "refer":
-        from data import parse_box  # owned by data.py; REC parsing lives with the box format
-        ious = [rec_iou(parse_box(p), row["box"], row["image_size"]) for p, row in zip(preds, rows)]
-        return {"iou": _mean(ious), "r@0.5": recall_at(ious)}
+        iou_ = rec_iou(r["pred_box"], r["box"], r["image_size"])
+        return {"iou": iou_, "hit": iou_ > 0.5}
+    if task == "caption":
+        if not r["prediction"] or not r["reference"]:
+            return {"dropped": True}  # the RG metrics skip empty pairs, as eval_caption.py does
+        return {**rouge(refs, preds), "meteor": meteor(refs, preds)}
     if task == "cls":
-        return {"accuracy": exact_match(refs, preds)}
-    if task == "caption":  # the official RG evaluation drops empty predictions / references first
-        keep = [(r, p) for r, p in zip(refs, preds) if p and all(r)]
-        refs, preds = [k[0] for k in keep], [k[1] for k in keep]
-        return {**corpus_bleu(refs, preds), **rouge(refs, preds), "meteor": meteor(refs, preds),
-                "f1": token_f1(refs, preds)["f1"]}
-    out = {**sentence_bleu(refs, preds), **token_f1(refs, preds)}
-    if task == "identify":
-        out["accuracy"] = exact_match(refs, preds)
-    elif task == "vqa":
-        closed = [i for i, row in enumerate(rows) if str(row.get("answer_type", "")).upper() == "CLOSED"]
-        out["closed_accuracy"] = closed_accuracy([refs[i] for i in closed], [preds[i] for i in closed])
-        out["yes_no_accuracy"] = yes_no_accuracy(refs, preds)
+        return {"acc": exact_match(refs, preds)}
+    scores = {"bleu1": sentence_bleu(refs, preds)["bleu1"], "f1": token_f1(refs, preds)["f1"]}
+    if task == "vqa":
+        scores["contains"] = closed_accuracy(refs, preds)
     else:
-        raise ValueError(f"{path}: unknown task {task!r} (vqa, refer, identify, caption, cls)")
-    return out
+        scores["acc"] = exact_match(refs, preds)
+    return scores
+
+
+def _percent(scores):
+    return {k: 100.0 * v for k, v in scores.items()}
+
+
+def _text_scores(records):
+    """Sentence BLEU-1..4 and token F1, averaged over samples (VQA, REG, QA); None when empty."""
+    if not records:
+        return dict.fromkeys(("bleu1", "bleu2", "bleu3", "bleu4", "f1"))
+    refs, preds = [[r["reference"]] for r in records], [r["prediction"] for r in records]
+    return _percent({**sentence_bleu(refs, preds), "f1": token_f1(refs, preds)["f1"]})
+
+
+def score_dataset(task, records):
+    """The metrics of one dataset, in percent (the paper's unit), as the official script of its task
+    computes them."""
+    if not records:
+        return {}
+    refs, preds = [[r["reference"]] for r in records], [r["prediction"] for r in records]
+    if task == "vqa":  # eval_vqa.py: all, open and closed subsets; "accuracy" on closed only
+        closed = [r for r in records if is_closed(r.get("answer_type"))]
+        opened = [r for r in records if not is_closed(r.get("answer_type"))]
+        out = _text_scores(records)
+        out.update({f"open_{k}": v for k, v in _text_scores(opened).items()})
+        out.update({f"closed_{k}": v for k, v in _text_scores(closed).items()})
+        out["closed_acc"] = 100.0 * closed_accuracy(
+            [[r["reference"]] for r in closed], [r["prediction"] for r in closed]) if closed else None
+        return out
+    if task in ("identify", "qa"):  # eval_identify.py (QA: the same, not in the paper)
+        return {**_text_scores(records), "acc": 100.0 * exact_match(refs, preds)}
+    if task == "cls":  # eval_cls.py
+        return {"acc": 100.0 * exact_match(refs, preds)}
+    if task == "refer":  # eval_ref.py: an unparsable answer has IoU 0
+        ious = [rec_iou(r["pred_box"], r["box"], r["image_size"]) for r in records]
+        return {"iou": 100.0 * _mean(ious), "r@0.5": 100.0 * recall_at(ious)}
+    if task == "caption":  # eval_caption.py: empty predictions or references are dropped first
+        kept = [r for r in records if r["prediction"] and r["reference"]]
+        refs, preds = [[r["reference"]] for r in kept], [r["prediction"] for r in kept]
+        if not kept:
+            return {**dict.fromkeys(("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL",
+                                     "meteor")), "scored": 0}
+        return {**_percent(corpus_bleu(refs, preds)), **_percent(rouge(refs, preds)),
+                "meteor": 100.0 * meteor(refs, preds), "scored": len(kept)}
+    raise ValueError(f"no metrics for task {task!r} (vqa, refer, identify, caption, cls, qa)")
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. Command line: score a predictions file (evaluate.py writes them; so can any other model)
+
+def read_records(path):
+    """The rows of a predictions .jsonl, grouped by task and cleaned as evaluate.py cleans them."""
+    from data import parse_box  # the box format lives in data.py; only the command line needs it here
+    by_task = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {i} is not valid JSON: {err}") from None
+            for key in ("task", "prediction") + (("box", "image_size") if row.get("task") == "refer" else ("reference",)):
+                if key not in row:
+                    raise ValueError(f"{path}: line {i} has no '{key}' field")
+            r = {**row, "prediction": clean_prediction(str(row["prediction"]))}
+            if row["task"] == "refer":
+                r["pred_box"] = parse_box(r["prediction"])
+            by_task.setdefault(row["task"], []).append(r)
+    return by_task
 
 
 def main(argv):
     if len(argv) != 1:
         sys.exit("usage: python metrics.py predictions.jsonl")
-    path, by_task = argv[0], {}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    sys.exit(f"{path}: line {i + 1} is not valid JSON: {err}")
-                if "task" not in row:
-                    sys.exit(f"{path}: line {i + 1} has no 'task' field")
-                by_task.setdefault(row["task"], []).append(row)
-    for task, rows in by_task.items():
-        scores = score_task(task, rows, path)
-        print(f"{task} ({len(rows)} samples): " + ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()))
+    try:
+        for task, records in read_records(argv[0]).items():
+            scores = score_dataset(task, records)
+            print(f"{task} ({len(records)} samples): " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

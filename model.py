@@ -18,19 +18,17 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
-from safetensors import safe_open
 from safetensors.torch import save_file
 from sentencepiece import SentencePieceProcessor
-from tqdm import tqdm
-
 from cmoe import Connector, ConnectorConfig
+from files import load_safetensors, read_torch, write_json
 from lora import apply_lora
 from vision import EVAConfig, EVAViT
 
@@ -377,55 +375,6 @@ def ours_to_hf(name: str) -> str:
     return hf
 
 
-def load_safetensors(module: nn.Module, files: list[str], rename: Callable[[str], Optional[str]],
-                     dtype: torch.dtype, device="cpu") -> None:
-    """Materialise `module` (built on the meta device) from safetensors `files`, tensor by tensor.
-
-    `rename` maps an official key to our parameter name, or to None for a tensor we deliberately
-    drop. Peak host memory stays near the size of the weights: each tensor is read, cast and moved
-    once, and nothing else is ever allocated for it. Every tensor of the module must be found
-    exactly once with the right shape; anything else is an error naming the tensor and the file.
-    """
-    expected = dict(module.state_dict(keep_vars=True))  # our name -> meta tensor
-    origin = {}  # our name -> (file, official key), to report duplicates
-    for path in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                name = rename(key)
-                if name is None:
-                    continue
-                if name not in expected:
-                    raise ValueError(f"{path}: unexpected tensor '{key}' (mapped to '{name}', "
-                                     f"which {type(module).__name__} does not have)")
-                if name in origin:
-                    raise ValueError(f"{path}: tensor '{key}' duplicates '{origin[name][1]}' "
-                                     f"from {origin[name][0]} (both map to '{name}')")
-                shape, want = tuple(f.get_slice(key).get_shape()), tuple(expected[name].shape)
-                if shape != want:
-                    raise ValueError(f"{path}: tensor '{key}' has shape {list(shape)}, but "
-                                     f"'{name}' needs {list(want)}")
-                tensor = f.get_tensor(key)
-                tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-                _assign(module, name, tensor)
-                origin[name] = (path, key)
-    missing = [name for name in expected if name not in origin]
-    if missing:
-        shown = ", ".join(f"'{m}' {list(expected[m].shape)}" for m in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"missing tensors in {', '.join(files)}: {shown}{more}")
-
-
-def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Replace the meta parameter or buffer `name` of `module` by a real tensor."""
-    owner_name, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(tensor, requires_grad=old.requires_grad))
-    else:
-        owner._buffers[attr] = tensor
-
-
 def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of an HF model directory: the shards named by the index, or the single file."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -464,13 +413,6 @@ def save_pretrained(model: Llama, config: LlamaConfig, path: str, max_shard_size
         write_json(os.path.join(path, "model.safetensors.index.json"), index)
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     write_json(os.path.join(path, "config.json"), {**config.to_hf(), "torch_dtype": dtype})
-
-
-def write_json(path: str, obj) -> None:
-    """Atomically: path.tmp first, then renamed over path."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -580,6 +522,39 @@ class UniMed(nn.Module):
         llama = Llama.from_pretrained(llama_dir, dtype=dtype, device=device)
         vit = EVAViT.from_checkpoint(vit_path, vit_config, dtype=dtype, device=device)
         return cls(config, llama, vit, Tokenizer(os.path.join(llama_dir, "tokenizer.model")))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, llama_dir: Optional[str] = None, vit_path: Optional[str] = None,
+                        device: str = "cpu", ckpt: Optional[dict] = None,
+                        official_vit: Optional[EVAConfig] = None) -> "UniMed":
+        """A trained Uni-Med, in eval mode, from any checkpoint: ours (train.py) or the official
+        runner's checkpoint_N.pth. Every caller (evaluate.py, analysis.py, ...) loads through here.
+
+        The base weights are the ones the checkpoint records (ours), unless `llama_dir` / `vit_path`
+        name others; an official checkpoint records no ViT, so it needs `vit_path`. `ckpt` is the
+        already-read file, for callers that looked into it first (read_checkpoint). An official
+        checkpoint always used EVA ViT-G at its run config's image size; `official_vit` replaces it
+        (tests use a tiny one). bf16 base weights on a GPU, fp32 on the CPU.
+        """
+        ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+        official = ckpt.get("format") != "unimed-ckpt"
+        if official:
+            config = UniMedConfig.from_dict(official_config(ckpt, path))
+            vit_config = official_vit or EVAConfig(img_size=ckpt["config"]["model"].get("image_size", 224))
+            llama_dir = llama_dir or ckpt["config"]["model"].get("llm_model_path") or None
+            if not llama_dir or not vit_path:
+                raise ValueError(f"{path} is an official checkpoint: name its base weights with --llama "
+                                 f"(HF Llama-2-7b-chat directory) and --vit (EVA ViT-g .safetensors)")
+        else:
+            config = UniMedConfig.from_dict(ckpt["config"]["unimed"])
+            vit_config = EVAConfig(**ckpt["config"]["vit"])
+            llama_dir = llama_dir or locate(ckpt["config"]["llama_dir"], path)
+            vit_path = vit_path or locate(ckpt["config"]["vit_path"], path)
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        model = cls.from_pretrained(llama_dir, vit_path, config, vit_config=vit_config, dtype=dtype, device=device)
+        state = official_to_ours(ckpt["model"], config, path) if official else ckpt["model"]
+        model.load_trainable_state_dict(state, source=f"{path} (on the base weights {llama_dir} and {vit_path})")
+        return model.eval()
 
     @property
     def image_size(self) -> int:
@@ -701,6 +676,136 @@ class UniMed(nn.Module):
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state[name])
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints: ours (train.py) and the official runner's checkpoint_N.pth, loaded by one function
+
+def read_checkpoint(path: str) -> dict:
+    """Load a checkpoint without unpickling code, with an error that says what is wrong with it."""
+    ckpt = read_torch(path, "checkpoint")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: not a Uni-Med checkpoint: expected a dict with a 'model' entry "
+                         f"(trainable weights), got {type(ckpt).__name__}"
+                         + (f" with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else ""))
+    if ckpt.get("format") == "unimed-ckpt":
+        missing = [k for k in ("config", "model") if k not in ckpt]
+        missing += [f"config.{k}" for k in ("unimed", "vit", "llama_dir", "vit_path", "data_root")
+                    if k not in ckpt.get("config", {})]
+        if missing:
+            raise ValueError(f"{path}: Uni-Med checkpoint without {', '.join(missing)}")
+        return ckpt
+    if "format" in ckpt:
+        raise ValueError(f"{path}: unknown checkpoint format {ckpt['format']!r} (expected 'unimed-ckpt')")
+    if not any(k.startswith(("llm_proj.", "task_tokens.", "llm_model.")) for k in ckpt["model"]):
+        raise ValueError(f"{path}: not a Uni-Med checkpoint: no 'format' entry (ours) and no "
+                         f"official tensors (llm_proj.*, task_tokens.*, llm_model.*) in 'model'")
+    return ckpt  # the official layout
+
+
+# Official names (uni_med/models/uni_med.py; peft wraps the LLaMA as llm_model.base_model.model):
+#   task_tokens.<task>                                       [1, 1, task_token_c]
+#   llm_proj.<k>.{0,2}.{weight,bias}                         expert k of moe_mlp (0 = Linear in,
+#                                                            1 = GELU, 2 = Linear out)
+#   llm_proj.{weight,bias} / llm_proj.{0,2}.*                linear / mlp2x_gelu connector
+#   router.fc1.*, router.fc2.*                               the router MLP
+#   llm_model.base_model.model.model.layers.<i>.{self_attn,mlp}.<proj>.lora_{A,B}.default.weight
+OFFICIAL_LORA = re.compile(r"llm_model\.base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
+                           r"(\w+_proj)\.lora_([AB])\.default\.weight")
+OFFICIAL_EXPERT = re.compile(r"llm_proj\.(\d+)\.([02])\.(weight|bias)")
+OFFICIAL_FROZEN = re.compile(r".*rotary_emb\.inv_freq")  # a buffer older transformers saved; recomputed
+
+
+def official_config(ckpt: dict, path: str) -> dict:
+    """Our UniMedConfig (as a dict) from the official run config saved in the checkpoint."""
+    model = (ckpt.get("config") or {}).get("model")
+    if not model:
+        raise ValueError(f"{path}: official checkpoint without its run config ('config' -> 'model'); "
+                         f"the router type and connector cannot be read from the tensors alone")
+    projector = model.get("projector_type")
+    moe = bool(model.get("has_moe")) and projector in ("moe_mlp", "moe_linear")
+    if projector not in ("linear", "mlp2x_gelu", "moe_mlp") or (projector == "moe_mlp") != moe:
+        raise ValueError(f"{path}: official projector_type {projector!r} (has_moe "
+                         f"{model.get('has_moe')}) has no equivalent here; supported: linear, "
+                         f"mlp2x_gelu, moe_mlp with has_moe")
+    if moe and model.get("num_task_tokens", 10) != 1:
+        raise ValueError(f"{path}: official num_task_tokens {model.get('num_task_tokens')} is not "
+                         f"supported (the official encode_img only works with 1)")
+    if model.get("lora_target_modules") not in (["all"], ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"]):
+        raise ValueError(f"{path}: official lora_target_modules {model.get('lora_target_modules')} "
+                         f"is not supported (only 'all')")
+    connector = {
+        "resampler": model.get("resample_method", "projection"),
+        "rate": model.get("resample_rate", 4),
+        "connector": {"linear": "linear", "mlp2x_gelu": "mlp", "moe_mlp": "moe"}[projector],
+        "experts": model.get("num_experts", 3) if moe else 1,
+        "router": model.get("router_type", "soft"),
+        "router_input": {"router_task_token": "token_task", "router_token": "token",
+                         "router_task": "task"}[model.get("router_method", "router_task_token")],
+        "top_k": model.get("sparse_topk", 2),
+    }
+    return {"connector": connector, "lora_r": model.get("lora_r", 64),
+            "lora_alpha": model.get("lora_alpha", 16), "lora_dropout": model.get("lora_dropout", 0.05)}
+
+
+def official_to_ours(state: dict, config: UniMedConfig, path: str = "checkpoint") -> dict:
+    """Rename the official trainable tensors to ours, dropping those the official model never uses.
+
+    The official code builds a router whenever it builds MoE experts, since its test
+    `router_type == 'soft' or 'sparse'` is always true, but a hard or constant router never calls it
+    (spec section 10); it also keeps task tokens that nothing reads (linear and MLP connectors, or a
+    router that sees the token only). We build neither, so such tensors are dropped, and we say so.
+    Our router reads [task token, token] in the official order, so its weights need no permutation.
+    """
+    c = config.connector
+    ours, dropped = {}, []
+    for key, t in state.items():
+        m_lora, m_expert = OFFICIAL_LORA.fullmatch(key), OFFICIAL_EXPERT.fullmatch(key)
+        if OFFICIAL_FROZEN.fullmatch(key):
+            dropped.append(key)
+        elif m_lora:
+            layer, block, proj, ab = m_lora.groups()
+            block = "attn" if block == "self_attn" else "mlp"
+            ours[f"llama.layers.{layer}.{block}.{proj}.lora_{ab}.weight"] = t
+        elif key.startswith("task_tokens."):
+            if c.uses_task_tokens:
+                ours[f"connector.{key}"] = t  # [1, 1, task_token_c]
+            else:
+                dropped.append(key)
+        elif key.startswith("router."):
+            if c.uses_router_network:
+                ours[f"connector.{key}"] = t  # router.fc1 / router.fc2, same names
+            else:
+                dropped.append(key)
+        elif c.connector == "moe" and m_expert:
+            k, layer, kind = m_expert.groups()
+            ours[f"connector.experts.{k}.{'fc1' if layer == '0' else 'fc2'}.{kind}"] = t
+        elif c.connector == "mlp" and (m := re.fullmatch(r"llm_proj\.([02])\.(weight|bias)", key)):
+            ours[f"connector.proj.{'fc1' if m.group(1) == '0' else 'fc2'}.{m.group(2)}"] = t
+        elif c.connector == "linear" and key in ("llm_proj.weight", "llm_proj.bias"):
+            ours[f"connector.proj.{key.split('.')[1]}"] = t
+        else:
+            raise ValueError(f"{path}: official tensor '{key}' {list(t.shape)} has no counterpart in "
+                             f"a model with connector {c.connector!r}, router {c.router!r}")
+    if dropped:
+        kinds = sorted({k.split(".")[0] for k in dropped})
+        print(f"{path}: dropped {len(dropped)} official tensors the official model never uses "
+              f"({', '.join(kinds)}; e.g. '{dropped[0]}')")
+    return ours
+
+
+def locate(recorded: str, ckpt_path: str) -> str:
+    """A path recorded in a checkpoint: as written, else relative to the checkpoint's directory
+    (the demo records paths relative to where train.py ran, which is usually beside ckpt.pt)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), recorded)
+    return recorded if os.path.exists(recorded) or os.path.isabs(recorded) or not os.path.exists(beside) else beside
+
+
+def checkpoint_data_root(ckpt: dict, path: str) -> Optional[str]:
+    """The dataset root a checkpoint of ours was trained on (official checkpoints do not record it)."""
+    recorded = ckpt.get("config", {}).get("data_root") if ckpt.get("format") == "unimed-ckpt" else None
+    return recorded and locate(recorded, path)
 
 
 def parameter_summary(model: UniMed) -> dict[str, tuple[int, int]]:

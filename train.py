@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import sentencepiece as spm
 import torch
@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+from files import read_torch, save_torch
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
 from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt, save_pretrained
 from vision import EVAConfig, EVAViT
@@ -129,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.resume:
         given = vars(build_parser(suppress=True).parse_args(argv))
-        saved = torch.load(args.resume, map_location="cpu", weights_only=True)["config"]["args"]
+        saved = read_torch(args.resume)["config"]["args"]
         args = argparse.Namespace(**{**saved, **given})
     paths = {"--llama": args.llama, "--vit": args.vit, "--data-root": args.data_root}
     if any(paths.values()) and not all(paths.values()):
@@ -319,13 +320,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, ckpt: dict) -> None:
-    """Atomic: write path.tmp, then rename over path. A crash mid-write leaves the old file intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 # -------------------------------------------------------------------------------------------------
 # The loop
 
@@ -333,10 +327,52 @@ class Stop(Exception):
     """Raised to end the run early with a message (NaN loss)."""
 
 
+@dataclass
+class Run:
+    """Everything one training run holds between steps."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    model: UniMed
+    net: torch.nn.Module            # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    mixture: data.Mixture
+    config: dict                    # what the checkpoint records: model config, base weights, data
+    step: int = 0
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+    def checkpoint(self) -> dict:
+        return {"format": "unimed-ckpt", "step": self.step, "config": self.config,
+                "model": self.model.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.mixture.state_dict(),
+                "rng": rng_state()}
+
+
 def main(argv=None, stop_at=None) -> dict:
     """Train; returns the last checkpoint dict. `stop_at` ends the run early at that step, with a
     checkpoint, as Ctrl-C does (the tests use it to compare a resumed run with a straight one)."""
     args = parse_args(argv)
+    run = setup(args)
+    try:
+        last = loop(run, stop_at)
+    except Stop as e:
+        sys.exit(f"train.py: {e}")
+    finally:
+        if run.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if run.main_rank and run.step == args.iters:
+        print(f"done: {run.step} steps; checkpoint {args.out}, log {log_path(args)}")
+    return last
+
+
+def setup(args) -> Run:
+    """Processes, base weights (the demo's, built once), the model, the optimizer, the data; and
+    everything a checkpoint holds, on --resume."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
@@ -345,12 +381,10 @@ def main(argv=None, stop_at=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    main_rank = rank == 0
 
-    # Weights and data: the demo is built once (by rank 0) when no paths were given
     llama_dir, vit_path, data_root = demo_paths() if args.demo else (args.llama, args.vit, args.data_root)
     if args.demo:
-        if main_rank:
+        if rank == 0:
             print(f"No --llama/--vit/--data-root given: running the built-in demo (tiny weights and data "
                   f"in {DEMO_DIR}/). Real run: python train.py --llama DIR --vit eva_vit_g.safetensors "
                   f"--data-root DIR --router {args.router} --experts {args.experts}")
@@ -358,145 +392,167 @@ def main(argv=None, stop_at=None) -> dict:
         if world > 1:
             dist.barrier()
     schedule = schedule_of(args)
-    if main_rank:
+    if rank == 0:
         print(f"schedule {args.schedule}: {args.iters} steps, lr {args.lr:g} (warmup {schedule['warmup']} "
               f"from {schedule['warmup_lr']:g}, {'cosine to ' + format(schedule['min_lr'], 'g') if schedule['cosine'] else 'then constant'}), "
               f"AdamW betas {schedule['betas']}, batch {args.batch_size} x accum {args.grad_accum} x "
               f"{world} process(es), seed {args.seed}")
 
     torch.manual_seed(args.seed)  # same initial trainable weights on every rank
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     vit_config = DEMO_EVA if args.demo else EVAConfig()
     model = UniMed.from_pretrained(llama_dir, vit_path, unimed_config(args), vit_config=vit_config,
-                                   dtype=dtype, device=device)
+                                   dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=device)
     model.set_gradient_checkpointing(args.grad_checkpointing)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, schedule["lr"], schedule["betas"])
     # LambdaLR scales the peak lr by lr_at(step) / peak, stepping once per optimizer step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, schedule) / schedule["lr"])
     datasets = data.load_datasets(data_root, "train", train=True)
     mixture = data.Mixture(datasets, data.RATIOS, args.batch_size * args.grad_accum * world, seed=args.seed)
-
-    config = {"unimed": model.config.to_dict(), "vit": asdict(vit_config), "llama_dir": llama_dir,
-              "vit_path": vit_path, "data_root": data_root, "demo": args.demo,
-              "args": {k: v for k, v in vars(args).items() if k not in ("resume", "demo")}}
-    step = 0
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-        model.load_trainable_state_dict(ckpt["model"], source=args.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        mixture.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        if main_rank:
-            print(f"resumed from {args.resume} at step {step}")
-
-    def checkpoint() -> dict:
-        return {"format": "unimed-ckpt", "step": step, "config": config, "model": model.trainable_state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "sampler": mixture.state_dict(), "rng": rng_state()}
-
     net = model
     if world > 1:
         # Only trainable parameters are reduced. A batch has one task, so the task tokens of the
         # other tasks (and, for QA, the whole connector) get no gradient: find_unused_parameters.
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    config = {"unimed": model.config.to_dict(), "vit": asdict(vit_config), "llama_dir": llama_dir,
+              "vit_path": vit_path, "data_root": data_root, "demo": args.demo,
+              "args": {k: v for k, v in vars(args).items() if k not in ("resume", "demo")}}
+    run = Run(args, rank, world, device, model, net, optimizer, scheduler, mixture, config)
+    if args.resume:
+        ckpt = read_torch(args.resume)
+        model.load_trainable_state_dict(ckpt["model"], source=args.resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        mixture.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        run.step = ckpt["step"]
+        if rank == 0:
+            print(f"resumed from {args.resume} at step {run.step}")
+    return run
 
-    # Ctrl-C / SIGTERM: finish the current step, save, exit. A second Ctrl-C stops at once.
+
+def train_step(run: Run, samples: list) -> tuple:
+    """One optimizer step on one global batch (one dataset, so one task): the micro-batches of this
+    rank, their gradients reduced over ranks, AdamW. Returns loss, grad norm, tokens, routing."""
+    args, model = run.args, run.model
+    loss_sum, tokens, routing = torch.zeros((), device=run.device), 0, None
+    image_tokens = num_image_tokens(model.config.connector, model.vit.config)
+    for i, micro in enumerate(micro_batches(samples, run.rank, run.world, args.grad_accum)):
+        batch = data.collate(micro, image_size=model.image_size)
+        images = batch.images.to(run.device) if batch.images is not None else None
+        # dropout masks depend on (seed, step, micro-batch) only: exact resume and DDP
+        torch.manual_seed((args.seed * 1_000_003 + run.step) * 4099 + i * run.world + run.rank)
+        last_micro = i == args.grad_accum - 1
+        sync = run.net.no_sync() if run.world > 1 and not last_micro else contextlib.nullcontext()
+        with sync:  # UniMed runs its maths under autocast in the base dtype (bf16)
+            loss, weights = run.net(images, batch.instructions, batch.answers, batch.task)
+            (loss / args.grad_accum).backward()
+        loss_sum += loss.detach().float() / args.grad_accum
+        tokens += count_tokens(model.tokenizer, batch, image_tokens)
+        if weights is not None:
+            routing = weights.detach().float().mean(dim=(0, 1))  # [N]
+    if run.world > 1:  # every rank sees the same loss, so all stop together on a NaN
+        dist.all_reduce(loss_sum)
+        loss_sum /= run.world
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    where = f"at step {run.step + 1} (task {samples[0].task!r}, dataset {samples[0].dataset!r})"
+    keeps = f"stopping without saving, {args.out} keeps the last good checkpoint"
+    loss_value = loss_sum.item()
+    if not math.isfinite(loss_value):
+        raise Stop(f"loss is {loss_value} {where}; {keeps}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf")).item()  # measure only
+    if not math.isfinite(grad_norm):
+        raise Stop(f"gradient norm is {grad_norm} {where}; {keeps}")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss_value, grad_norm, tokens * run.world, routing
+
+
+def loop(run: Run, stop_at=None) -> dict:
+    """Steps until --iters, logging every --log-every steps and saving every --save-every and at
+    the end. Ctrl-C / SIGTERM: finish the current step, save, return; a second Ctrl-C aborts."""
+    args, last, window = run.args, None, new_window()
+    bar = tqdm(total=args.iters, initial=run.step, desc="train", disable=not run.main_rank, dynamic_ncols=True)
+    with stop_signals(run.main_rank) as stop, open_log(run) as log, bar:
+        while run.step < args.iters:
+            t0 = time.perf_counter()
+            samples = run.mixture.next_batch()  # one dataset, batch_size x grad_accum x world samples
+            loss, grad_norm, tokens, routing = train_step(run, samples)
+            lr = run.scheduler.get_last_lr()[0]
+            window_add(window, samples[0].task, loss, tokens, time.perf_counter() - t0, routing)
+            bar.update(1)
+            bar.set_postfix_str(f"{samples[0].task} loss {loss:.3f} lr {lr:.1e} gn {grad_norm:.2f}")
+            if log and (run.step % args.log_every == 0 or run.step == args.iters):
+                log.write(json.dumps(window_record(window, run.step, lr, grad_norm, run.device)) + "\n")
+                log.flush()
+                window = new_window()
+            stopping = stop_requested(run, stop) or run.step == stop_at
+            if run.step == args.iters or stopping or (args.save_every and run.step % args.save_every == 0):
+                last = save(run)
+            if stopping:
+                if run.main_rank:
+                    tqdm.write(f"stopped at step {run.step}; saved {args.out} (continue: --resume {args.out})")
+                break
+    return last
+
+
+def save(run: Run) -> dict:
+    """The checkpoint, written by rank 0 (atomically: a crash mid-save keeps the previous one)."""
+    ckpt = run.checkpoint()
+    if run.main_rank:
+        save_torch(run.args.out, ckpt)
+    if run.world > 1:
+        dist.barrier()
+    return ckpt
+
+
+@contextlib.contextmanager
+def stop_signals(announce: bool):
+    """Ctrl-C / SIGTERM set a flag that the loop reads after each step; a second Ctrl-C aborts."""
     stop = {"requested": False}
 
     def request_stop(signum, frame):
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
-        if main_rank:
+        if announce:
             tqdm.write("stopping after this step (Ctrl-C again to abort without saving)")
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if threading.current_thread() is threading.main_thread() else {}
-
-    log_path = os.path.splitext(args.out)[0] + ".jsonl"
-    if main_rank:
-        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    log = open(log_path, "a" if args.resume else "w") if main_rank else None  # a new run starts a new log
-    window = new_window()
-    image_tokens = num_image_tokens(model.config.connector, vit_config)
-    bar = tqdm(total=args.iters, initial=step, desc="train", disable=not main_rank, dynamic_ncols=True)
-    last = None
+    in_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
-        while step < args.iters:
-            t0 = time.perf_counter()
-            samples = mixture.next_batch()  # one dataset, batch_size x grad_accum x world samples
-            task = samples[0].task
-            loss_sum, tokens, routing = torch.zeros((), device=device), 0, None
-            for i, micro in enumerate(micro_batches(samples, rank, world, args.grad_accum)):
-                batch = data.collate(micro, image_size=model.image_size)
-                images = batch.images.to(device) if batch.images is not None else None
-                # dropout masks depend on (seed, step, micro-batch) only: exact resume and DDP
-                torch.manual_seed((args.seed * 1_000_003 + step) * 4099 + i * world + rank)
-                sync = net.no_sync() if world > 1 and i < args.grad_accum - 1 else contextlib.nullcontext()
-                with sync:  # UniMed runs its maths under autocast in the base dtype (bf16)
-                    loss, weights = net(images, batch.instructions, batch.answers, batch.task)
-                    (loss / args.grad_accum).backward()
-                loss_sum += loss.detach().float() / args.grad_accum
-                tokens += count_tokens(model.tokenizer, batch, image_tokens)
-                if weights is not None:
-                    routing = weights.detach().float().mean(dim=(0, 1))  # [N]
-            if world > 1:  # every rank sees the same loss and stop request, so all stop together
-                shared = torch.stack([loss_sum, torch.tensor(float(stop["requested"]), device=device)])
-                dist.all_reduce(shared)
-                loss_sum, stop["requested"] = shared[0] / world, bool(shared[1] > 0)
-            loss_value = loss_sum.item()
-            if not math.isfinite(loss_value):
-                raise Stop(f"loss is {loss_value} at step {step + 1} (task {task!r}, dataset "
-                           f"{samples[0].dataset!r}); stopping without saving, {args.out} keeps the "
-                           f"last good checkpoint")
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf")).item()  # measure only
-            if not math.isfinite(grad_norm):
-                raise Stop(f"gradient norm is {grad_norm} at step {step + 1} (task {task!r}, dataset "
-                           f"{samples[0].dataset!r}); stopping without saving, {args.out} keeps the "
-                           f"last good checkpoint")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            seconds = time.perf_counter() - t0
-            window_add(window, task, loss_value, tokens * world, seconds, routing)
-            bar.update(1)
-            bar.set_postfix_str(f"{task} loss {loss_value:.3f} lr {scheduler.get_last_lr()[0]:.1e} gn {grad_norm:.2f}")
-            if main_rank and (step % args.log_every == 0 or step == args.iters):
-                record = window_record(window, step, scheduler.get_last_lr()[0], grad_norm, device)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                window = new_window()
-            if step == args.iters or stop["requested"] or step == stop_at or \
-                    (args.save_every and step % args.save_every == 0):
-                last = checkpoint()
-                if main_rank:
-                    save_checkpoint(args.out, last)
-                if world > 1:
-                    dist.barrier()
-                if stop["requested"] or step == stop_at:
-                    if main_rank:
-                        tqdm.write(f"stopped at step {step}; saved {args.out} (continue: --resume {args.out})")
-                    break
-    except Stop as e:
-        bar.close()
-        sys.exit(f"train.py: {e}")
+        yield stop
     finally:
-        bar.close()
-        if log:
-            log.close()
-        for s, h in old_handlers.items():
+        for s, h in old.items():
             signal.signal(s, h)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    if main_rank and step == args.iters:
-        print(f"done: {step} steps; checkpoint {args.out}, log {log_path}")
-    return last
+
+
+def stop_requested(run: Run, stop: dict) -> bool:
+    """The stop flag, agreed over ranks: if one process was signalled, all stop at this step."""
+    if run.world == 1:
+        return stop["requested"]
+    flag = torch.tensor(float(stop["requested"]), device=run.device)
+    dist.all_reduce(flag)
+    return bool(flag > 0)
+
+
+def log_path(args) -> str:
+    return os.path.splitext(args.out)[0] + ".jsonl"
+
+
+@contextlib.contextmanager
+def open_log(run: Run):
+    """The JSONL log beside the checkpoint (rank 0 only): a new run starts a new log, a resumed one
+    appends."""
+    if not run.main_rank:
+        yield None
+        return
+    path = log_path(run.args)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a" if run.args.resume else "w") as log:
+        yield log
 
 
 # Log windows: per-task means of the loss and the routing weights over the last log_every steps

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from files import load_safetensors, open_safetensors
 
 
 @dataclass
@@ -144,9 +145,7 @@ class EVAViT(nn.Module):
         embeddings are resized here, once (see `resize_pos_embed`).
         """
         config = config or EVAConfig()
-        from model import load_safetensors  # lazy: model.py imports this module at top level
-
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             if "pos_embed" not in f.keys():
                 raise ValueError(f"{path}: no 'pos_embed' tensor; is this an EVA ViT checkpoint?")
             stored = f.get_tensor("pos_embed")  # [1, 1 + g*g, width], kept for a resize below

@@ -18,7 +18,7 @@ import evaluate
 import metrics
 import train
 from cmoe import ConnectorConfig
-from model import UniMed, UniMedConfig
+from model import UniMed, UniMedConfig, read_checkpoint
 
 EXPECTED_KEYS = {  # the paper's columns (and the official scripts' extra figures) for each task
     "vqa": {"bleu1", "bleu2", "bleu3", "bleu4", "f1", "closed_acc",
@@ -95,15 +95,9 @@ def test_results_have_every_dataset_and_metric(checkpoint, tmp_path):
         assert set(entry["metrics"]) == EXPECTED_KEYS[task], name
         rows = read_jsonl(tmp_path / f"predictions_{name}.jsonl")
         assert len(rows) == 3 and all({"id", "prompt", "prediction", "reference", "scores"} <= set(r) for r in rows)
-        # metrics.py's own scorer (a separate path from the same predictions) agrees with the table
-        theirs = metrics.score_task(task, [{**r, "task": task} for r in rows]) if task != "qa" else None
-        ours = entry["metrics"]
-        pairs = {"vqa": [("bleu1", "bleu1"), ("f1", "f1")], "identify": [("bleu1", "bleu1"), ("acc", "accuracy")],
-                 "refer": [("iou", "iou"), ("r@0.5", "r@0.5")], "cls": [("acc", "accuracy")],
-                 "caption": [("bleu4", "bleu4"), ("rougeL", "rougeL"), ("meteor", "meteor")]}.get(task, [])
-        for k_ours, k_theirs in pairs:
-            if ours[k_ours] is not None:
-                assert ours[k_ours] == pytest.approx(100 * theirs[k_theirs], abs=1e-9), (name, k_ours)
+        # metrics.py's command line, reading the predictions file back, gives the table's figures
+        theirs = metrics.score_dataset(task, metrics.read_records(str(tmp_path / f"predictions_{name}.jsonl"))[task])
+        assert theirs == pytest.approx(entry["metrics"], abs=1e-9), name
     table = evaluate.format_tables(on_disk["datasets"], paper=False)
     assert "Slake-VQA" in table and "SA-Med2D-REC" in table and "Uni-Med (paper)" not in table
 
@@ -186,7 +180,7 @@ def test_box_postprocessing_on_hand_written_outputs():
     for (output, want), r in zip(cases, records):
         assert r["scores"]["iou"] == pytest.approx(want, abs=1e-12), output
         assert r["scores"]["hit"] == (want > 0.5)
-    scores = evaluate.dataset_scores("refer", json.loads(json.dumps(records)))  # as read back from disk
+    scores = metrics.score_dataset("refer", json.loads(json.dumps(records)))  # as read back from disk
     assert scores["iou"] == pytest.approx(100 * sum(c[1] for c in cases) / len(cases))
     assert scores["r@0.5"] == pytest.approx(100 * 3 / len(cases))
 
@@ -207,18 +201,18 @@ def test_corrupted_and_foreign_checkpoints_give_clear_errors(checkpoint, tmp_pat
     raw = open(path, "rb").read()
     (tmp_path / "torn.pt").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match=r"torn\.pt: cannot be read"):
-        evaluate.read_checkpoint(str(tmp_path / "torn.pt"))
+        read_checkpoint(str(tmp_path / "torn.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match=r"junk\.pt: cannot be read"):
-        evaluate.read_checkpoint(str(tmp_path / "junk.pt"))
+        read_checkpoint(str(tmp_path / "junk.pt"))
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt: not a Uni-Med checkpoint.*'model'"):
-        evaluate.read_checkpoint(str(tmp_path / "other.pt"))
+        read_checkpoint(str(tmp_path / "other.pt"))
     ckpt = torch.load(path, weights_only=True)
     del ckpt["config"]["unimed"]
     torch.save(ckpt, tmp_path / "noconfig.pt")
     with pytest.raises(ValueError, match=r"noconfig\.pt: .*config\.unimed"):
-        evaluate.read_checkpoint(str(tmp_path / "noconfig.pt"))
+        read_checkpoint(str(tmp_path / "noconfig.pt"))
     with pytest.raises(SystemExit, match=r"error: .*torn\.pt"):  # the command line says it in one line
         evaluate.main([str(tmp_path / "torn.pt")])
 
@@ -232,8 +226,7 @@ def test_config_not_matching_base_weights_names_tensor_and_shapes(checkpoint, tm
     torch.save(ckpt, tmp_path / "wide.pt")
     with pytest.raises(ValueError, match=re.escape(f"'{name}' has shape [{want[0]}, {want[1] + 8}]")
                        + r".*" + re.escape(str(want))):
-        evaluate.build_model(evaluate.read_checkpoint(str(tmp_path / "wide.pt")), str(tmp_path / "wide.pt"),
-                             None, None, "cpu")
+        UniMed.from_checkpoint(str(tmp_path / "wide.pt"), device="cpu")
 
 
 def test_missing_datasets_name_the_expected_path(checkpoint, tmp_path):
@@ -306,8 +299,7 @@ def test_official_checkpoint_gives_identical_logits(demo, tmp_path, capsys):
     official_checkpoint(tmp_path / "checkpoint_3.pth", state, "soft", 5, n_layers)
 
     ckpt_path = str(tmp_path / "checkpoint_3.pth")
-    loaded = evaluate.build_model(evaluate.read_checkpoint(ckpt_path), ckpt_path, llama_dir, vit_path, "cpu",
-                                  official_vit=train.DEMO_EVA)
+    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu", official_vit=train.DEMO_EVA)
     batch = data.collate([data.load_datasets(data_root, "test", names=["slake_vqa"])["slake_vqa"][i]
                           for i in range(3)], image_size=source.image_size)
     args = (batch.images, batch.instructions, batch.answers, batch.task)
@@ -327,8 +319,7 @@ def test_official_hard_router_checkpoint_drops_the_unused_router(demo, tmp_path,
                   **{f"task_tokens.{t}": torch.randn(1, 1, 384) for t in ("vqa", "refer", "identify", "caption", "cls")}})
     official_checkpoint(tmp_path / "checkpoint_0.pth", state, "hard", 5, len(source.llama.layers))
     ckpt_path = str(tmp_path / "checkpoint_0.pth")
-    loaded = evaluate.build_model(evaluate.read_checkpoint(ckpt_path), ckpt_path, llama_dir, vit_path, "cpu",
-                                  official_vit=train.DEMO_EVA)
+    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu", official_vit=train.DEMO_EVA)
     assert "dropped 9 official tensors" in capsys.readouterr().out
     batch = data.collate([data.load_datasets(data_root, "test", names=["slake_rec"])["slake_rec"][i]
                           for i in range(2)], image_size=source.image_size)

@@ -118,8 +118,6 @@ def test_accuracies():
     refs, preds = [["no"], ["yes"], ["liver"], ["The liver"]], ["normal", "yes.", "liver, spleen", "liver"]
     assert M.closed_accuracy(refs, preds) == pytest.approx(1.0)  # "no" is a substring of "normal"
     assert M.exact_match(refs, preds) == pytest.approx(0.5)
-    assert M.yes_no_accuracy(refs, preds) == pytest.approx(1.0)
-    assert M.yes_no_accuracy([["no"]], ["yes"]) == 0.0
 
 
 # --- BLEU --------------------------------------------------------------------------------------
@@ -291,10 +289,10 @@ def test_cli_scores_a_predictions_file(tmp_path):
     rows = [{"task": "vqa", "prediction": "Yes", "reference": "yes", "answer_type": "CLOSED"},
             {"task": "vqa", "prediction": "the liver", "reference": "liver", "answer_type": "OPEN"},
             {"task": "cls", "prediction": "melanoma", "reference": "Melanoma"},
-            {"task": "caption", "prediction": "the heart is normal.", "references": ["Heart size is normal."]}]
+            {"task": "caption", "prediction": "the heart is normal.", "reference": "Heart size is normal."}]
     path = tmp_path / "predictions.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     out = subprocess.run([sys.executable, str(Path(M.__file__)), str(path)], capture_output=True, text=True,
                          check=True).stdout
-    assert "vqa (2 samples)" in out and "closed_accuracy 100.00" in out and "f1 100.00" in out
-    assert "cls (1 samples): accuracy 100.00" in out and "caption (1 samples)" in out and "rougeL" in out
+    assert "vqa (2 samples)" in out and "closed_acc 100.00" in out and "f1 100.00" in out
+    assert "cls (1 samples): acc 100.00" in out and "caption (1 samples)" in out and "rougeL" in out

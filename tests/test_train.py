@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import files
 import train
 from model import UniMed
 
@@ -100,15 +101,15 @@ def test_resume_is_exact(run):
 
 def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, {"step": 1, "model": {"w": torch.ones(3)}})
+    files.save_torch(path, {"step": 1, "model": {"w": torch.ones(3)}})
 
     def dies_mid_write(obj, f):
         with open(f, "wb") as fh:
             fh.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # as if killed mid-write
-    monkeypatch.setattr(train.torch, "save", dies_mid_write)
+    monkeypatch.setattr(files.torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, {"step": 2, "model": {"w": torch.zeros(3)}})
+        files.save_torch(path, {"step": 2, "model": {"w": torch.zeros(3)}})
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
 

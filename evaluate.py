@@ -17,7 +17,8 @@ eval_caption.py, eval_cls.py); this file does all of them in one pass, with the 
                with the +1 pixel convention;
       RG       after dropping samples whose prediction or reference is empty: corpus BLEU-1..4
                (pycocoevalcap's), ROUGE-1/2/L (the `rouge` package, per sample on normalised text,
-               averaged), METEOR;
+               averaged), METEOR 1.5 (meteor.py, from the data files --meteor-data names; without
+               them an exact+stem fallback, marked METEOR* and not comparable with the paper);
       CLS      exact-match accuracy of the normalised class name;
       QA       (not evaluated in the paper) exact-match accuracy and token F1.
     All figures are percentages, the paper's unit.
@@ -43,6 +44,7 @@ from tqdm import tqdm
 
 import analysis
 import data
+import meteor
 import metrics
 from files import write_json
 from model import UniMed, build_prompt, checkpoint_data_root, read_checkpoint
@@ -177,8 +179,9 @@ def generate_batch(model: UniMed, samples: list) -> list:
 # -------------------------------------------------------------------------------------------------
 # Results
 
-def format_tables(results: dict, paper: bool) -> str:
-    """The paper's tables: a column per (dataset, metric); our row, and the paper's when comparable."""
+def format_tables(results: dict, paper: bool, starred: tuple = ()) -> str:
+    """The paper's tables: a column per (dataset, metric); our row, and the paper's when comparable.
+    The labels of the `starred` metrics get a star (a footnote says why)."""
     lines = []
     for title, groups in TABLES:
         groups = [(d, cols) for d, cols in groups if d in results]
@@ -189,7 +192,8 @@ def format_tables(results: dict, paper: bool) -> str:
             width = max(len(NAMES[d]), 8 * len(cols) - 1)
             got, want = results[d]["metrics"], PAPER.get(d, {})
             cells[0].append(NAMES[d].center(width))
-            cells[1].append(" ".join(label.rjust(7) for _, label in cols).rjust(width))
+            labels = [label + "*" if k in starred else label for k, label in cols]
+            cells[1].append(" ".join(label.rjust(7) for label in labels).rjust(width))
             cells[2].append(" ".join(fmt(got.get(k)) for k, _ in cols).rjust(width))
             cells[3].append(" ".join(fmt(want.get(k)) for k, _ in cols).rjust(width))
         heads = ["", "", "Uni-Med (ours)", "Uni-Med (paper)"]
@@ -222,6 +226,9 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
     if not datasets:
         raise FileNotFoundError(f"no test split of any dataset under {data_root} (expected the "
                                 f"official layout, e.g. {os.path.join(data_root, 'Slake-VQA', 'test.txt')})")
+    meteor_data = meteor.meteor_data() if any(data.TASK_OF[n] == "caption" for n in datasets) else None
+    if meteor_data:  # found now, so a wrong $METEOR_DATA fails before generation
+        print(f"METEOR: {meteor_data.description}")
     model = model or UniMed.from_checkpoint(ckpt_path, llama, vit, device, ckpt=ckpt)
 
     results = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step", ckpt.get("epoch")),
@@ -231,10 +238,15 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
         task = data.TASK_OF[name]
         results["datasets"][name] = {"task": task, "n": len(records),
                                      "metrics": metrics.score_dataset(task, records)}
+    if meteor_data:
+        results["meteor"] = meteor_data.description
     if not demo:
         results["paper"] = {n: PAPER[n] for n in results["datasets"] if n in PAPER}
     write_json(os.path.join(out, "results.json"), results)
-    print(format_tables(results["datasets"], paper=not demo))
+    fallback = meteor_data is not None and not meteor_data.folder
+    print(format_tables(results["datasets"], paper=not demo, starred=("meteor",) if fallback else ()))
+    if fallback:
+        print("(METEOR*: METEOR 1.5 exact+stem fallback, no METEOR data found: not comparable with the paper)")
     if limit is not None:
         print(f"(first {limit} test samples of each dataset only: not comparable with the paper)")
     print(f"results: {os.path.join(out, 'results.json')}; predictions: {out}/predictions_*.jsonl")
@@ -255,6 +267,8 @@ def main(argv=None):
     p.add_argument("--llama", help="HF LLaMA-2 directory (default: the one recorded in the checkpoint)")
     p.add_argument("--vit", help="EVA ViT-g .safetensors (default: the one recorded in the checkpoint)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--meteor-data", metavar="DIR", help="METEOR 1.5's data: the folder of meteor-1.5.jar and "
+                   "data/paraphrase-en.gz (default: $METEOR_DATA, else the installed pycocoevalcap's)")
     p.add_argument("--analysis", metavar="OUT_DIR",
                    help="run the tug-of-war analysis (analysis.py: Figures 2, 4, 5) instead of the evaluation")
     p.add_argument("--batches", type=int, default=100,
@@ -268,6 +282,8 @@ def main(argv=None):
     if len(args.checkpoint) > 1:
         p.error("evaluate one checkpoint at a time (two are for --analysis)")
     names = args.datasets.split(",") if args.datasets else None
+    if args.meteor_data:
+        os.environ["METEOR_DATA"] = args.meteor_data  # where meteor.meteor_data() looks first
     try:
         evaluate(args.checkpoint[0], args.data_root, names, args.limit, args.batch_size, args.out,
                  args.llama, args.vit, args.device)

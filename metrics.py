@@ -2,7 +2,8 @@
 
 The paper's numbers come from the official scripts (eval_vqa.py, eval_ref.py, eval_identify.py,
 eval_caption.py, eval_cls.py, evaluate_metrics.py; spec section 9). They call four libraries; this
-file re-implements each one in plain Python and agrees with it to 1e-6 (tests/test_metrics.py):
+file re-implements each one in plain Python and agrees with it to 1e-6 (tests/test_metrics.py;
+METEOR: tests/test_meteor.py, to the jar's statistics):
 
   metric                  reference                                  used for
   normalize_word          evaluate_metrics.py (VQA-API normalisation) every text metric below
@@ -11,7 +12,7 @@ file re-implements each one in plain Python and agrees with it to 1e-6 (tests/te
   corpus_bleu             pycocoevalcap Bleu(4) on PTBTokenizer       RG (report generation)
   rouge                   `rouge` 1.0.1 (pltrdy) get_scores, F         RG
   rouge_google            rouge-score (Google) definition, F          (comparison only)
-  meteor                  nltk meteor_score, synonyms off             RG (see below)
+  meteor                  pycocoevalcap Meteor (Java METEOR 1.5)      RG (meteor.py)
   iou, rec_iou            eval_utils.computeIoU (+1 pixel)            REC
 
 Quirks reproduced on purpose (they define the published numbers):
@@ -41,17 +42,13 @@ the full abbreviation lists of the JFlex lexer (we keep the common ones), number
 as "3.5cm" -> "3.5 cm" (we keep "3.5cm"), "a..b", "rock'n'roll", HTML entities, and characters the
 Java lexer silently drops (we drop only characters outside the BMP, e.g. emoji).
 
-METEOR. The official RG metric is pycocoevalcap's Meteor, i.e. Java METEOR 1.5 (`-l en -norm`).
-`meteor` instead equals nltk's meteor_score with synonym matching switched off: exact matching,
-then Porter-stem matching (our PorterStemmer equals nltk's NLTK_EXTENSIONS mode), alpha 0.9,
-beta 3, gamma 0.5, fragmentation penalty over chunks, max over references, mean over samples.
-Java METEOR 1.5 differs in (1) WordNet synonym and paraphrase-table matching, (2) a beam-searched
-alignment that minimises chunks instead of nltk's greedy right-to-left one, (3) tuned parameters
-for English (alpha 0.85, beta 0.20, gamma 0.60, delta 0.75) with function-word weighting, and
-(4) its own text normalisation; its corpus score is also computed from summed statistics, not a
-mean of sentence scores. Measured on the 133 non-empty test pairs of tests/test_metrics.py: Java
-METEOR 1.5 gives 0.2454, ours 0.3953 (+0.15 absolute; nltk's untuned parameters are more lenient),
-so our METEOR is NOT comparable with the paper's column (`python bench/metrics.py --meteor-java`).
+METEOR. The official RG metric is pycocoevalcap's Meteor: Java METEOR 1.5 run as `-l en -norm` on
+the normalize_word'ed, PTB-tokenised texts, reporting the corpus score of its EVAL line. meteor.py
+re-implements the jar from its own data files (the jar, read as a zip, and data/paraphrase-en.gz,
+found through --meteor-data / $METEOR_DATA / the installed pycocoevalcap): on the test corpora every
+sample's statistics equal the jar's. Without those files it runs METEOR 1.5's exact and stem modules
+only; evaluate.py then says so and marks the column, as those numbers are not the paper's METEOR.
+(The former nltk-style METEOR gave 0.3953 on the 133 test pairs where the jar gives 0.2454.)
 
 Usage: python metrics.py predictions.jsonl  (fields: task, prediction, reference, answer_type for
 VQA, box [x, y, w, h] and image_size [W, H] for REC); evaluate.py scores with the same score_dataset.
@@ -61,7 +58,8 @@ import math
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
+
+from meteor import corpus_score, meteor_data, segment_stats
 
 # -----------------------------------------------------------------------------------------------
 # 1. Answer normalisation (evaluate_metrics.py, copied from the VQA evaluation API)
@@ -453,178 +451,18 @@ def rouge_google(references, predictions):
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. METEOR (nltk meteor_score, synonyms off) and the Porter stemmer it uses
+# 6. METEOR: pycocoevalcap's Meteor, i.e. Java METEOR 1.5, re-implemented in meteor.py
 
-class PorterStemmer:
-    """Porter (1980) stemmer with nltk's NLTK_EXTENSIONS, equal to nltk.stem.PorterStemmer()."""
-
-    IRREGULAR = {"skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie",
-                 "news": "news", "innings": "inning", "inning": "inning", "outings": "outing",
-                 "outing": "outing", "cannings": "canning", "canning": "canning", "howe": "howe",
-                 "proceed": "proceed", "exceed": "exceed", "succeed": "succeed"}
-    STEP2 = [("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
-             ("bli", "ble"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"),
-             ("ization", "ize"), ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"),
-             ("fulness", "ful"), ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"),
-             ("fulli", "ful"), ("logi", "log")]
-    STEP3 = [("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""),
-             ("ness", "")]
-    STEP4 = ["al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion", "ou",
-             "ism", "ate", "iti", "ous", "ive", "ize"]
-
-    def __init__(self):
-        self.cache = {}
-
-    @staticmethod
-    def _cons(word):
-        # y is a consonant at the start or after a vowel, a vowel after a consonant
-        flags = []
-        for i, ch in enumerate(word):
-            flags.append(ch not in "aeiou" and (ch != "y" or i == 0 or not flags[i - 1]))
-        return flags
-
-    def _m(self, stem):
-        flags = self._cons(stem)  # measure m = number of VC sequences
-        return sum(1 for a, b in zip(flags, flags[1:]) if not a and b)
-
-    def _vowel(self, stem):
-        return not all(self._cons(stem))
-
-    def _cvc(self, w):
-        f = self._cons(w)
-        return (len(w) >= 3 and f[-3] and not f[-2] and f[-1] and w[-1] not in "wxy") or \
-            (len(w) == 2 and not f[0] and f[1])  # NLTK extension: short words like "at"
-
-    def _double(self, w):
-        return len(w) >= 2 and w[-1] == w[-2] and self._cons(w)[-1]
-
-    def _step1ab(self, w):
-        if w.endswith("ies") and len(w) == 4:
-            w = w[:-3] + "ie"
-        elif w.endswith("sses"):
-            w = w[:-2]
-        elif w.endswith("ies"):
-            w = w[:-2]
-        elif w.endswith("s") and not w.endswith("ss"):
-            w = w[:-1]
-        if w.endswith("ied"):
-            return w[:-3] + ("ie" if len(w) == 4 else "i")
-        if w.endswith("eed"):
-            return w[:-1] if self._m(w[:-3]) > 0 else w
-        for suffix in ("ed", "ing"):
-            if w.endswith(suffix) and self._vowel(w[:-len(suffix)]):
-                s = w[:-len(suffix)]
-                break
-        else:
-            return w
-        if s.endswith(("at", "bl", "iz")):
-            return s + "e"
-        if self._double(s):
-            return s if s[-1] in "lsz" else s[:-1]
-        return s + "e" if self._m(s) == 1 and self._cvc(s) else s
-
-    def _step1c(self, w):
-        if w.endswith("y") and len(w) > 2 and self._cons(w[:-1])[-1]:
-            return w[:-1] + "i"
-        return w
-
-    def _step2(self, w):
-        if w.endswith("alli") and self._m(w[:-4]) > 0:
-            return self._step2(w[:-4] + "al")
-        for suffix, rep in self.STEP2:
-            if w.endswith(suffix):
-                stem = w[:-len(suffix)]
-                # NLTK extension: "logi" tests the measure of the stem including its "l"
-                ok = self._m(w[:-3] if suffix == "logi" else stem) > 0
-                return stem + rep if ok else w
-        return w
-
-    def _step3(self, w):
-        for suffix, rep in self.STEP3:
-            if w.endswith(suffix):
-                stem = w[:-len(suffix)]
-                return stem + rep if self._m(stem) > 0 else w
-        return w
-
-    def _step4(self, w):
-        for suffix in self.STEP4:
-            if w.endswith(suffix):
-                stem = w[:-len(suffix)]
-                ok = self._m(stem) > 1 and (suffix != "ion" or stem[-1:] in ("s", "t"))
-                return stem if ok else w
-        return w
-
-    def _step5(self, w):
-        if w.endswith("e"):
-            m = self._m(w[:-1])
-            if m > 1 or (m == 1 and not self._cvc(w[:-1])):
-                w = w[:-1]
-        if w.endswith("ll") and self._m(w[:-1]) > 1:
-            w = w[:-1]
-        return w
-
-    def stem(self, word):
-        if word in self.cache:
-            return self.cache[word]
-        w = word.lower()
-        if w in self.IRREGULAR:
-            out = self.IRREGULAR[w]
-        elif len(word) <= 2:
-            out = w
-        else:
-            out = self._step5(self._step4(self._step3(self._step2(self._step1c(self._step1ab(w))))))
-        self.cache[word] = out
-        return out
-
-
-STEMMER = PorterStemmer()
-
-
-@dataclass
-class MeteorConfig:
-    alpha: float = 0.9  # precision/recall balance of the harmonic mean
-    beta: float = 3.0  # shape of the fragmentation penalty
-    gamma: float = 0.5  # maximum fragmentation penalty
-
-
-def _match(hyp, ref):
-    """nltk _match_enums: walk the hypothesis right to left, take the last free equal ref word."""
-    positions = {}
-    for j, (_, w) in enumerate(ref):
-        positions.setdefault(w, []).append(j)
-    pairs, used_h, used_r = [], set(), set()
-    for i in range(len(hyp) - 1, -1, -1):
-        free = positions.get(hyp[i][1])
-        if free:
-            j = free.pop()
-            used_h.add(i)
-            used_r.add(j)
-            pairs.append((hyp[i][0], ref[j][0]))
-    return (pairs, [h for i, h in enumerate(hyp) if i not in used_h],
-            [r for j, r in enumerate(ref) if j not in used_r])
-
-
-def _single_meteor(ref_tokens, hyp_tokens, cfg):
-    hyp = list(enumerate(t.lower() for t in hyp_tokens))
-    ref = list(enumerate(t.lower() for t in ref_tokens))
-    exact, hyp_left, ref_left = _match(hyp, ref)  # stage 1: exact
-    stemmed, _, _ = _match([(i, STEMMER.stem(w)) for i, w in hyp_left],  # stage 2: Porter stems
-                           [(j, STEMMER.stem(w)) for j, w in ref_left])
-    matches = sorted(exact + stemmed)
-    if not matches or not hyp or not ref:
-        return 0.0
-    precision, recall = len(matches) / len(hyp), len(matches) / len(ref)
-    fmean = precision * recall / (cfg.alpha * precision + (1 - cfg.alpha) * recall)
-    # chunks: maximal runs of matches adjacent in both hypothesis and reference
-    chunks = 1 + sum(1 for a, b in zip(matches, matches[1:]) if not (b[0] == a[0] + 1 and b[1] == a[1] + 1))
-    return (1 - cfg.gamma * (chunks / len(matches)) ** cfg.beta) * fmean
-
-
-def meteor(references, predictions, cfg=MeteorConfig()):
-    """Mean nltk-style METEOR (exact + stem, no synonyms) on normalize_word tokens; best reference."""
+def meteor(references, predictions, data=None):
+    """Corpus METEOR 1.5 as eval_caption.py gets it from pycocoevalcap's Meteor: the texts are
+    normalize_word'ed, PTB-tokenised and scored by the jar (`-l en -norm`), whose EVAL line sums the
+    samples' statistics and scores the sum once. `data`: a meteor.MeteorData, by default the one
+    meteor.meteor_data() finds (without data files: the exact+stem fallback, see meteor.py)."""
     _check(references, predictions, "meteor")
-    return _mean([max(_single_meteor(normalize_word(r).split(), normalize_word(p).split(), cfg) for r in refs)
-                  for refs, p in zip(references, predictions)])
+    data = data or meteor_data()
+    return corpus_score([segment_stats([ptb_tokenize(normalize_word(r)) for r in refs],
+                                       ptb_tokenize(normalize_word(p)), data)
+                         for refs, p in zip(references, predictions)])
 
 
 # -----------------------------------------------------------------------------------------------

@@ -155,6 +155,27 @@ def test_generate_from_embeds_is_generate(pair):
         ours.generate_from_embeds(ours.embed(ids).detach(), mask.flip(1), max_new_tokens=2)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_decoding_gives_the_eager_tokens(pair, backend):
+    """The decode step compiles as one graph (fullgraph: a host sync or a data-dependent branch would
+    break it) and gives eager's tokens, padded rows and eos included. aot_eager traces exactly what
+    inductor compiles, in seconds; inductor itself (generate's default) needs a C compiler and ~40 s."""
+    _, ours = pair
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (7, 2, 5)]
+    eager = ours.generate(prompts, max_new_tokens=10, eos_id=-1)
+    eos = eager[1][3]
+    stopped = ours.generate(prompts, max_new_tokens=10, eos_id=eos)
+    ours.compiled_decode_step = None if backend == "inductor" else \
+        torch.compile(ours.decode_step, backend=backend, fullgraph=True, dynamic=False)
+    try:
+        assert ours.generate(prompts, max_new_tokens=10, eos_id=-1, compile=True) == eager
+        assert ours.generate(prompts, max_new_tokens=10, eos_id=eos, compile=True) == stopped
+    finally:
+        ours.compiled_decode_step = None
+    assert len(stopped[1]) == eager[1].index(eos) < 10  # the eos case stops a row early
+
+
 def test_top_p_sampling_matches_hf_filter():
     probs = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.08, 0.07])
     logits = probs.log()[None]

@@ -1,0 +1,234 @@
+"""Every GPU measurement of the project in one run and one table (bench/gpu.sh runs this).
+
+    bash bench/gpu.sh            # one H100 or H200: about 4 minutes, random weights, no files
+    bash bench/gpu.sh --smoke    # every section at tiny shapes on the CPU: checks the script itself
+
+Sections, each guarded (a failure prints an ERROR row and the next section runs), each row printed
+as soon as it is measured, the table also written to $OUT/gpu_table.md when OUT is set:
+  1. bandwidth: a device-to-device copy of 2 GiB (reads and writes every byte: 2 x bytes / time)
+  2. training step at full size (bench/train_step.py): s/step, peak memory next to the planner's
+     prediction for the same shapes (train.py --dry-run), MFU
+  3. EVA ViT-G (39 blocks, 224 px) img/s at batch 1 and 32, against transformers' Blip2VisionModel
+  4. LLaMA-2-7B, random bf16 weights: agreement with transformers' LlamaForCausalLM (logits and
+     greedy tokens), decode tokens/s at batch 1 for ours eager, transformers eager and ours compiled,
+     next to the bandwidth bound (every decoded token reads every weight once)
+"""
+import argparse
+import gc
+import importlib.util
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(BENCH))
+from model import Llama, LlamaConfig, ours_to_hf  # noqa: E402
+from vision import EVAConfig  # noqa: E402
+
+
+def bench_module(name: str):
+    """bench/{name}.py by its path (bench/vision.py would shadow the top-level vision.py on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_step, bench_llama, bench_vision = (bench_module(n) for n in ("train_step", "llama", "vision"))
+
+FULL = dict(llama=LlamaConfig(), vit=EVAConfig(), dtype=torch.bfloat16, copy_bytes=2 * 2**30, steps=5, warmup=2,
+            vit_batches=(1, 32), vit_iters=5, prompt=128, new=64, repeats=2, agree_new=32)
+SMOKE = dict(llama=LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=500,
+                               max_seq_len=512),
+             vit=EVAConfig(img_size=56, patch_size=14, width=64, depth=2, num_heads=4, mlp_dim=256),
+             dtype=torch.bfloat16, copy_bytes=2**24, steps=1, warmup=1, vit_batches=(1, 4), vit_iters=1,
+             prompt=16, new=8, repeats=1, agree_new=8)
+G = 2**30
+
+
+class Table:
+    """Rows printed as they come, and the whole table rewritten to $OUT/gpu_table.md after each."""
+
+    def __init__(self, title: str):
+        self.lines = [title, "", "| section | measurement | ours | reference | note |", "|---|---|---|---|---|"]
+        self.path = os.path.join(os.environ["OUT"], "gpu_table.md") if os.environ.get("OUT") else None
+        for line in self.lines:
+            print(line)
+
+    def row(self, *cells) -> None:
+        line = "| " + " | ".join(str(c) for c in cells) + " |"
+        print(line)
+        self.lines.append(line)
+        if self.path:
+            with open(self.path + ".tmp", "w") as f:
+                f.write("\n".join(self.lines) + "\n")
+            os.replace(self.path + ".tmp", self.path)
+
+
+def section(table: Table, name: str, fn, *args) -> None:
+    """Run one section; an exception becomes an ERROR row (traceback on stderr) and the run goes on."""
+    start = time.perf_counter()
+    try:
+        fn(table, *args)
+    except Exception as e:  # noqa: BLE001 - one broken section must not cost the others
+        traceback.print_exc()
+        table.row(name, "ERROR", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", "", "")
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"  ({name}: {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best_time(fn, device: str, repeats: int) -> float:
+    """Best wall time of fn over `repeats` calls after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# ---- 1. bandwidth --------------------------------------------------------------------------------
+
+def bandwidth(table, device, s, state):
+    buf = torch.empty(s["copy_bytes"], dtype=torch.uint8, device=device)
+    seconds = best_time(lambda: buf.clone(), device, 5)
+    state["bandwidth"] = 2 * buf.numel() / seconds
+    table.row("bandwidth", f"device copy of {buf.numel() / G:.2f} GiB", f"{state['bandwidth'] / 1e9:.0f} GB/s", "",
+              "reads + writes every byte once")
+
+
+# ---- 2. training step ----------------------------------------------------------------------------
+
+def training_step(table, device, s, state):
+    llama, vit = s["llama"], s["vit"]
+    r = train_step.measure(device, llama, vit, s["dtype"], grad_checkpointing=True,
+                           steps=s["steps"], warmup=s["warmup"])
+    shape = f"batch 4 x {r['tokens']} tokens, bf16, checkpointed"
+    table.row("training step", f"s/step ({shape})", f"{r['seconds']:.3f}", "target <= 0.18 (H100); paper ~0.36 (A800)",
+              f"{r['trainable'] / 1e6:.0f}M trainable")
+    if r["peak"] is not None:
+        table.row("training step", "peak memory allocated (GiB)", f"{r['peak'] / G:.2f}",
+                  f"planned {r['planned'] / G:.2f} (train.py --dry-run)",
+                  f"plan/measured {r['planned'] / r['peak']:.3f}; reserved {r['reserved'] / G:.2f}")
+    else:
+        table.row("training step", "peak memory (GiB)", "n/a on CPU", f"planned {r['planned'] / G:.3f}", "")
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+    table.row("training step", "MFU", mfu, f"of {r['peak_tflops']} TFLOP/s dense bf16" if r["peak_tflops"] else "",
+              f"{r['flops'] / r['seconds'] / 1e12:.1f} TFLOP/s achieved")
+
+
+# ---- 3. ViT-G ------------------------------------------------------------------------------------
+
+def vit_throughput(table, device, s, state):
+    for batch in s["vit_batches"]:
+        r = bench_vision.compare(s["vit"], batch, s["dtype"], device, s["vit_iters"])
+        table.row("EVA ViT-G", f"img/s, batch {batch}, {s['vit'].depth} blocks", f"{r['ours']:.1f}",
+                  f"Blip2VisionModel {r['reference']:.1f}", f"ratio {r['ours'] / r['reference']:.3f}; "
+                  f"max abs diff {r['diff']:.1e}")
+
+
+# ---- 4. LLaMA-2-7B: agreement with transformers, decoding ---------------------------------------
+
+def hf_llama(model: Llama, config: LlamaConfig, device: str, dtype):
+    """transformers' LlamaForCausalLM holding our weights, built on the device in `dtype`."""
+    import transformers
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    hf.load_state_dict({ours_to_hf(k): v for k, v in model.state_dict().items()})
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def decode_rate(generate, prompt, new, device, repeats) -> tuple[float, list]:
+    """Decoded tokens/s at batch 1: the extra time of `new` tokens over 1 token (the prefill), per token."""
+    tokens = generate(prompt, new)
+    t1 = best_time(lambda: generate(prompt, 1), device, repeats)
+    tn = best_time(lambda: generate(prompt, new), device, repeats)
+    return (new - 1) / (tn - t1), tokens
+
+
+def llama_7b(table, device, s, state):
+    config, dtype = s["llama"], s["dtype"]
+    model = bench_llama.random_model(config, dtype, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bound = state.get("bandwidth", float("nan")) / weight_bytes
+    torch.manual_seed(0)
+    prompt = torch.randint(3, config.vocab_size, (1, s["prompt"]), device=device)
+    ours = lambda ids, n, compile=False: model.generate(ids.tolist(), max_new_tokens=n, eos_id=-1,  # noqa: E731
+                                                        compile=compile)[0]
+
+    # agreement with transformers, same weights, same device and dtype
+    hf = hf_llama(model, config, device, dtype)
+    batch = torch.randint(3, config.vocab_size, (2, s["prompt"]), device=device)
+    with torch.no_grad():
+        a, b = model(batch).float(), hf(batch).logits.float()
+    diff = (a - b).abs().max().item()
+    same_argmax = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    theirs = lambda ids, n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,  # noqa: E731
+                                        min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+    hf_rate, hf_tokens = decode_rate(theirs, prompt, s["agree_new"], device, s["repeats"])
+    ours_tokens = ours(prompt, s["agree_new"])
+    agree = next((i for i, (x, y) in enumerate(zip(ours_tokens, hf_tokens)) if x != y), len(hf_tokens))
+    table.row("LLaMA vs transformers", f"logits, {config.n_layers} layers, {str(dtype)[6:]}, 2 x {s['prompt']} tokens",
+              f"max abs diff {diff:.3g}", f"max abs logit {b.abs().max().item():.3g}",
+              f"same argmax at {100 * same_argmax:.1f}% of positions")
+    table.row("LLaMA vs transformers", "greedy tokens, batch 1", f"{agree}/{len(hf_tokens)} equal before the first "
+              "difference", "LlamaForCausalLM.generate", "random weights: near-ties can flip in bf16")
+    del hf
+    gc.collect()
+
+    eager, _ = decode_rate(ours, prompt, s["new"], device, s["repeats"])
+    table.row("LLaMA-2-7B decode" if config.n_layers == 32 else "LLaMA decode", "tokens/s, batch 1, eager",
+              f"{eager:.1f}", f"transformers eager {hf_rate:.1f}; bound {bound:.1f}",
+              f"{100 * eager / bound:.0f}% of the bound ({weight_bytes / 1e9:.2f} GB of weights)")
+    start = time.perf_counter()
+    compiled_tokens = ours(prompt, s["new"], compile=True)  # compiles (and captures the CUDA graph)
+    first = time.perf_counter() - start
+    compiled, _ = decode_rate(lambda ids, n: ours(ids, n, compile=True), prompt, s["new"], device, s["repeats"])
+    same = compiled_tokens == ours(prompt, s["new"])
+    table.row("LLaMA-2-7B decode" if config.n_layers == 32 else "LLaMA decode", "tokens/s, batch 1, compiled",
+              f"{compiled:.1f}", f"bound {bound:.1f}", f"{100 * compiled / bound:.0f}% of the bound; first call "
+              f"(compile) {first:.0f} s; same tokens as eager: {same}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script's logic")
+    args = parser.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("bench/gpu.py: no CUDA device (use --smoke to check the script on the CPU)")
+    s = SMOKE if args.smoke else FULL
+    name = "CPU (smoke: tiny shapes)" if args.smoke else torch.cuda.get_device_name()
+    import transformers
+    table = Table(f"bench/gpu.sh on {name}: torch {torch.__version__}, transformers {transformers.__version__}, "
+                  f"random weights")
+    state = {}
+    for title, fn in (("bandwidth", bandwidth), ("training step", training_step), ("EVA ViT-G", vit_throughput),
+                      ("LLaMA-2-7B", llama_7b)):
+        section(table, title, fn, device, s, state)
+
+
+if __name__ == "__main__":
+    main()

@@ -120,11 +120,9 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of every layer, preallocated: k[layer], v[layer] are [B, n_kv_heads, max_len, head_dim].
 
-    The prefill stores its T keys in slots [0, T); each decoded token stores its key at the slot it is
-    given as a device tensor. So a decode step always has the same shapes and never reads a number
-    back from the device: what torch.compile needs to capture it whole (CUDA graphs included).
-    Zeros, not empty: slots not yet written are masked out of attention, but they still enter the
-    product with the attention weights, and 0 x NaN would be NaN.
+    The prefill fills slots [0, T); a decoded token goes to the slot it is given as a device tensor,
+    so a decode step has fixed shapes and reads nothing back from the device (what torch.compile
+    needs to capture it whole). Zeros, not empty: unwritten slots are masked, but 0 x NaN is NaN.
     """
 
     def __init__(self, config: LlamaConfig, batch: int, max_len: int, device, dtype):
@@ -132,16 +130,9 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
-    def fits(self, batch: int, max_len: int, device, dtype) -> bool:
-        k = self.k[0]
-        return (k.shape[0], k.shape[2], k.device, k.dtype) == (batch, max_len, torch.device(device), dtype)
-
     def update(self, layer: int, k, v, slot: Optional[torch.Tensor]):
-        """Store k, v [B, n_kv_heads, T, head_dim] and return the keys and values to attend over.
-
-        Prefill (slot None): slots [0, T), and its own k, v are all there is. Decoding (slot [1], one
-        token): that slot, and the whole cache, whose slots after `slot` the caller masks.
-        """
+        """Store k, v [B, n_kv_heads, T, head_dim]; return what to attend over: a prefill's (slot None)
+        own k, v, or after one decoded token at `slot` [1], the whole cache (the caller masks the rest)."""
         if slot is None:
             self.k[layer][:, :, :k.shape[2]] = k
             self.v[layer][:, :, :v.shape[2]] = v
@@ -232,15 +223,12 @@ class Llama(nn.Module):
 
     def forward(self, tokens=None, *, inputs_embeds=None, attention_mask=None, cache: Optional[KVCache] = None,
                 last_only: bool = False):
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) of a whole sequence: tokens [B, T] or
-        inputs_embeds [B, T, dim].
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) of tokens [B, T] or inputs_embeds [B, T, dim].
 
-        attention_mask [B, T] (1 = real token) is for padded batches only; None means that no row is
-        padded, which the caller knows from its row lengths (asking the mask would cost a
-        device-to-host sync, and fake tensors cannot answer). Positions count real tokens only, so a
-        left-padded row is positioned exactly like the same row unpadded. With `cache`, every layer
-        also stores its keys and values in the cache's first T slots: generation's prefill, which
-        `decode_step` continues.
+        attention_mask [B, T] (1 = real token) is for padded batches only: the caller knows from its row
+        lengths whether any row is padded (asking the mask would be a device-to-host sync, which fake
+        tensors cannot answer). Positions count real tokens only, so a left-padded row is positioned
+        like the same row unpadded. With `cache`, the keys and values also go to its first T slots.
         """
         if (tokens is None) == (inputs_embeds is None):
             raise ValueError("Llama.forward: pass exactly one of tokens and inputs_embeds")
@@ -266,13 +254,11 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))
 
     def decode_step(self, x, positions, slot, key_mask, cache: KVCache):
-        """Logits [B, vocab] of one new token per row, x [B, 1, dim], attending over the cache.
+        """Logits [B, vocab] of one new token per row, x [B, 1, dim], attending over the whole cache.
 
-        positions [B, 1] (for RoPE), slot [1] (where the new keys go) and key_mask [B, max_len] (False
-        on the prompts' padding) are device tensors, and attention runs over every slot of the cache,
-        those after `slot` masked. So every step has the same shapes and waits for nothing: this is
-        the function torch.compile captures whole (with CUDA graphs on a GPU).
-        """
+        positions [B, 1], slot [1] (where its keys go) and key_mask [B, max_len] (False on prompt padding)
+        are device tensors; slots after `slot` are masked. Same shapes at every step, no host sync: the
+        function torch.compile captures whole (with CUDA graphs on a GPU)."""
         slots = torch.arange(key_mask.shape[1], device=key_mask.device)
         mask = (key_mask & (slots <= slot))[:, None, None, :]  # [B, 1, 1, max_len]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -315,12 +301,9 @@ class Llama(nn.Module):
                              temperature: float = 0.0, top_p: float = 1.0, eos_id: int = 2, use_cache: bool = True,
                              compile: bool = False) -> list[list[int]]:
         """Decode after prompt embeddings [B, T, dim], left-padded with attention_mask [B, T] (1 = real)
-        or unpadded (None).
-
-        With use_cache the prompt is run once (the prefill) and each step feeds only the new token to
-        `decode_step`, compiled with `compile`; without it, every step re-runs the whole sequence
-        (slow; kept as the reference the cache is tested against).
-        """
+        or unpadded (None). With use_cache the prompt is run once and each step feeds the new token to
+        `decode_step` (compiled with `compile`); without it, every step re-runs the whole sequence
+        (slow; the reference the cache is tested against)."""
         B, T, _ = inputs_embeds.shape
         if max_new_tokens < 1:
             raise ValueError(f"Llama.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -364,12 +347,11 @@ class Llama(nn.Module):
         return [row[:row.index(eos_id)] if eos_id in row else row for row in out[:, :step + 1].tolist()]
 
     def kv_cache(self, batch: int, length: int, device, dtype, compile: bool) -> KVCache:
-        """A cache of at least `length` slots, kept for the next call. Lengths are rounded up to a
-        multiple of 256, so a compiled decode step sees few shapes, and a kept cache keeps its
-        addresses, which a captured CUDA graph needs. Its old contents need no clearing: the
-        prefill overwrites its slots and later ones are masked until written."""
+        """A cache of at least `length` slots (rounded up to 256: few shapes to compile for), kept for the
+        next call: a captured CUDA graph needs its addresses. Old contents are overwritten or masked."""
         length = min(-(-length // 256) * 256, self.config.max_seq_len)
-        if self.cache is None or not self.cache.fits(batch, length, device, dtype):
+        k = self.cache.k[0] if self.cache else None
+        if k is None or (k.shape[0], k.shape[2], k.device, k.dtype) != (batch, length, device, dtype):
             self.cache = None  # free the old cache before allocating the new one
             self.cache = KVCache(self.config, batch, length, device, dtype)
         if compile:  # the captured graph reads and writes the cache in place, at fixed addresses

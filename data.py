@@ -399,9 +399,11 @@ def _mimic_cxr(p, split, name):
     return _with_images(name, path, rows)
 
 
-# pandas' default NaN spellings: the official loader drops every row holding any of them
+# The default NaN spellings of pandas 1.5.3, the official environment's: its loader, read_csv then
+# dropna(), drops every row holding any of them. pandas 2 added "None" to the list; under 1.5.3 a
+# cell reading None is kept as the text "None", so such rows are kept here too (spec section 7).
 _NAN = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-        "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+        "<NA>", "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"}
 
 
 def _medpix(p, split, name):
@@ -455,8 +457,9 @@ def default_paths(root, split) -> dict:
         "pubmedqa": {"questions": j("PubMedQA", f"{split}_set.json")},
         "slake_vqa": slake, "slake_rec": slake, "slake_reg": slake,
         "path_vqa": {"qas": j("Path-VQA", "qas", f"{split}_vqa.pkl"), "images": j("Path-VQA", "images")},
-        "mimic_cxr": {"annotation": j("MIMIC_caption", "annotation_small.json"),
-                      "images": j("MIMIC-CXR-JPG", "2.0.0")},
+        # two files: training reads annotation_small.json, eval_caption.py annotation.json (spec 7)
+        "mimic_cxr": {"annotation": j("MIMIC_caption", "annotation_small.json" if split == "train"
+                                      else "annotation.json"), "images": j("MIMIC-CXR-JPG", "2.0.0")},
         "medpix": {"csv": j("MedPix", "data_csv", f"MedPix_single_{split}.csv"),
                    "images": j("MedPix", "MedPix", "images")},
         "sa_med2d_rec": sa, "sa_med2d_reg": sa,
@@ -596,7 +599,8 @@ DEMO_CHANCE = {
     "slake_reg": "accuracy 50% (tumor / kidney)", "sa_med2d_reg": "accuracy 50% (liver / spleen)",
     "mimic_cxr": "9 reports (normal, or side x zone x size); they share words, so compare BLEU with "
                  "the score of always writing the most frequent training report",
-    "medpix": "8 captions (ct/mri x mass/cyst x left/right); compare with a constant caption",
+    "medpix": "8 captions (ct/mri x mass/cyst x left/right), and one test caption that reads None, "
+              "as some real ones do (not learnable); compare with a constant caption",
     "dermamnist": "accuracy 33% (melanoma / melanocytic nevi / vascular lesions)",
     "organsmnist": "accuracy 33% (bladder / heart / liver)",
 }
@@ -768,11 +772,14 @@ def _demo_mimic(root, rng, counts):
             rel = f"p{str(subject)[:2]}/p{subject}/s{subject + 40000000}/{int(rng.integers(16 ** 8)):08x}.jpg"
             _save(os.path.join(root, "MIMIC-CXR-JPG", "2.0.0", "files", rel), image)
             table[split].append({"id": f"{subject}", "image_path": [rel], "report": report})
-    _save(os.path.join(root, "MIMIC_caption", "annotation_small.json"), table)
+    # the official layout: training reads annotation_small.json, the evaluation annotation.json
+    _save(os.path.join(root, "MIMIC_caption", "annotation_small.json"), {"train": table["train"]})
+    _save(os.path.join(root, "MIMIC_caption", "annotation.json"), {"test": table["test"]})
 
 
 def _demo_medpix(root, rng, counts):
-    """Caption rows plus one non-caption row and one with an empty cell, which the loader drops."""
+    """Caption rows plus one non-caption row and one with an empty cell, which the loader drops; the
+    test split also has a caption that reads None, which the official loader keeps as text."""
     cases = [(m, f, s) for m in ("ct", "mri") for f in ("mass", "cyst") for s in ("left", "right")]
     number = 1000
     for split, n in counts.items():
@@ -793,6 +800,11 @@ def _demo_medpix(root, rng, counts):
             _save(os.path.join(root, "MedPix", "MedPix", "images", name), image)
             rows.append([name, f"{modality} image shows a {finding} on the {side} side.", "caption"])
         rows += [[rows[1][0], "Case discussion, not a caption.", "case"], [rows[2][0], "", "caption"]]
+        if split == "test":  # a scan with nothing drawn on it
+            image, _ = _canvas(rng, 64, 64, (0, 0, 0), 6)
+            name = f"MPX{number + 1}_synpic{int(rng.integers(10000, 99999))}.png"
+            _save(os.path.join(root, "MedPix", "MedPix", "images", name), image)
+            rows.append([name, "None", "caption"])
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(rows)
         _save(os.path.join(root, "MedPix", "data_csv", f"MedPix_single_{split}.csv"), buf.getvalue().encode())
@@ -855,7 +867,7 @@ def _demo_medmnist(root, rng, counts):
 def make_demo(root, seed: int = 0) -> None:
     """Write the miniature of every dataset under `root` (a data root for --data-root); the same
     seed writes the same bytes. Samples train/test: 40/16 for each REC and REG set, 60/24 for
-    Slake-VQA, 48/18 for each MedMNIST set, 48/16 for the others."""
+    Slake-VQA, 48/18 for each MedMNIST set, 48/17 for MedPix, 48/16 for the others."""
     makers = [(_demo_medqa, 48, 16), (_demo_pubmedqa, 48, 16), (_demo_slake, 20, 8), (_demo_path_vqa, 24, 8),
               (_demo_mimic, 48, 16), (_demo_medpix, 48, 16), (_demo_sa_med2d, 10, 4), (_demo_medmnist, 48, 18)]
     for k, (maker, n_train, n_test) in enumerate(makers):

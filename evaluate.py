@@ -6,19 +6,23 @@ eval_caption.py, eval_cls.py); this file does all of them in one pass, with the 
   - the test split of every dataset found under --data-root, with the fixed evaluation template of
     each dataset (data.py, train=False) and the training-time image preprocessing;
   - greedy decoding, max_new_tokens 100, batches of 40 on a GPU (eval_configs), KV cache, left pad;
+  - the prompt of training (one BOS), or with --official-prompt the official evaluation prompt (two
+    BOS); the default is the official one for an official checkpoint and ours for ours;
   - the official post-processing of each answer: lower-cased, `<unk>` removed, stripped; a REC
-    answer then has every space removed and must *start with* a `{<x1><y1><x2><y2>}` box
-    (data.parse_box); an answer that does not is a miss (IoU 0), never an error;
+    answer instead has `<unk>` and every space removed, without lower-casing (eval_ref.py), and must
+    *start with* a `{<x1><y1><x2><y2>}` box (data.parse_box); an answer that does not is a miss
+    (IoU 0), never an error;
   - the official metrics (metrics.py reproduces the libraries the official scripts call):
       VQA      sentence BLEU-1..4 and token F1 over all / open / closed questions, and the closed
                "accuracy" (normalised reference is a substring of the normalised prediction);
       REG      sentence BLEU-1..4, token F1, exact-match accuracy;
       REC      mean IoU and R@0.5 (IoU > 0.5) of the 0-100 grid box scaled to the original image,
-               with the +1 pixel convention;
+               with the +1 pixel convention and its arithmetic for reversed boxes;
       RG       after dropping samples whose prediction or reference is empty: corpus BLEU-1..4
-               (pycocoevalcap's), ROUGE-1/2/L (the `rouge` package, per sample on normalised text,
-               averaged), METEOR 1.5 (meteor.py, from the data files --meteor-data names; without
-               them an exact+stem fallback, marked METEOR* and not comparable with the paper);
+               (pycocoevalcap's), METEOR 1.5 (meteor.py, from the data files --meteor-data names;
+               without them an exact+stem fallback, marked METEOR* and not comparable with the
+               paper), then ROUGE-1/2/L (the `rouge` package, per sample, averaged) and token F1 on
+               text normalised twice, as eval_caption.py does;
       CLS      exact-match accuracy of the normalised class name;
       QA       (not evaluated in the paper) exact-match accuracy and token F1.
     All figures are percentages, the paper's unit.
@@ -127,10 +131,13 @@ def read_predictions(path: str) -> list:
 
 
 def evaluate_dataset(model: UniMed, name: str, dataset, out_dir: str, batch_size: int,
-                     limit: Optional[int], compile: bool = False) -> list:
+                     limit: Optional[int], compile: bool = False, official_prompt: bool = False) -> list:
     """Generate the answers of one dataset (skipping those already written) and return all records."""
     path = os.path.join(out_dir, f"predictions_{name}.jsonl")
     records = read_predictions(path)
+    if any(r.get("official_prompt", False) != official_prompt for r in records):  # a resumed run must not mix
+        flag = "--official-prompt" if not official_prompt else "--no-official-prompt"
+        raise ValueError(f"{path} was generated with the other prompt: resume with {flag}, or delete it")
     n = len(dataset) if limit is None else min(limit, len(dataset))
     ids = [dataset.rows[i].id for i in range(n)]  # without opening the images
     done = {r["id"] for r in records}
@@ -143,7 +150,7 @@ def evaluate_dataset(model: UniMed, name: str, dataset, out_dir: str, batch_size
             if not indices:
                 continue
             samples = [dataset[i] for i in indices]
-            new = generate_batch(model, samples, compile)
+            new = generate_batch(model, samples, compile, official_prompt)
             f.write("".join(json.dumps(r) + "\n" for r in new))
             f.flush()
             os.fsync(f.fileno())
@@ -155,20 +162,21 @@ def evaluate_dataset(model: UniMed, name: str, dataset, out_dir: str, batch_size
 
 
 @torch.no_grad()
-def generate_batch(model: UniMed, samples: list, compile: bool = False) -> list:
+def generate_batch(model: UniMed, samples: list, compile: bool = False, official_prompt: bool = False) -> list:
     """One batch through the model, with the official decoding, post-processing and per-sample scores
     (`compile`: the decode step compiled, the same tokens)."""
     batch = data.collate(samples, image_size=model.image_size)
     device = next(model.parameters()).device
     images = None if batch.images is None else batch.images.to(device)
     outputs = model.generate(images, batch.instructions, batch.task, max_new_tokens=MAX_NEW_TOKENS,
-                             compile=compile)
+                             compile=compile, official_prompt=official_prompt)
     records = []
     for s, out in zip(samples, outputs):
-        # The official cleaning (lower-case, no <unk>, strip); REC then drops spaces and needs the
-        # answer to start with the box (data.parse_box), so lower-casing does not change its score.
+        # The official cleaning of each task (metrics.clean_prediction); a REC answer must then
+        # start with the box (data.parse_box).
         r = {"id": s.id, "task": batch.task, "prompt": build_prompt(s.instruction, s.image is not None, train=False),
-             "output": out, "prediction": metrics.clean_prediction(out), "reference": s.answer}
+             "official_prompt": official_prompt, "output": out,
+             "prediction": metrics.clean_prediction(out, batch.task), "reference": s.answer}
         if batch.task == "refer":
             r.update(box=list(s.box), image_size=list(s.image_size), pred_box=data.parse_box(r["prediction"]))
         if s.answer_type is not None:
@@ -211,9 +219,15 @@ def fmt(value) -> str:
 def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[list] = None,
              limit: Optional[int] = None, batch_size: Optional[int] = None, out: Optional[str] = None,
              llama: Optional[str] = None, vit: Optional[str] = None, device: Optional[str] = None,
-             model: Optional[UniMed] = None, compile: bool = False) -> dict:
-    """Score a checkpoint on the test splits; returns (and writes) results.json's content."""
+             model: Optional[UniMed] = None, compile: bool = False,
+             official_prompt: Optional[bool] = None) -> dict:
+    """Score a checkpoint on the test splits; returns (and writes) results.json's content.
+
+    official_prompt: the official evaluation prompt, with two BOS (UniMed.generate); by default on
+    for an official checkpoint, to reproduce what the official scripts print, and off for ours."""
     ckpt = read_checkpoint(ckpt_path)  # read once: the data root is checked before the model loads
+    if official_prompt is None:
+        official_prompt = ckpt.get("format") != "unimed-ckpt"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = batch_size or (GPU_BATCH_SIZE if device.startswith("cuda") else CPU_BATCH_SIZE)
     demo = ckpt.get("format") == "unimed-ckpt" and bool(ckpt["config"].get("demo"))
@@ -233,10 +247,13 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
         print(f"METEOR: {meteor_data.description}")
     model = model or UniMed.from_checkpoint(ckpt_path, llama, vit, device, ckpt=ckpt)
 
+    print("prompt: " + ("the official evaluation prompt, two BOS (--no-official-prompt for one)" if official_prompt
+                        else "one BOS, as in training (--official-prompt for the official evaluation's two)"))
     results = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step", ckpt.get("epoch")),
-               "data_root": os.path.abspath(data_root), "demo": demo, "limit": limit, "datasets": {}}
+               "data_root": os.path.abspath(data_root), "demo": demo, "limit": limit,
+               "official_prompt": official_prompt, "datasets": {}}
     for name, dataset in datasets.items():
-        records = evaluate_dataset(model, name, dataset, out, batch_size, limit, compile)
+        records = evaluate_dataset(model, name, dataset, out, batch_size, limit, compile, official_prompt)
         task = data.TASK_OF[name]
         results["datasets"][name] = {"task": task, "n": len(records),
                                      "metrics": metrics.score_dataset(task, records)}
@@ -273,6 +290,9 @@ def main(argv=None):
                    "data/paraphrase-en.gz (default: $METEOR_DATA, else the installed pycocoevalcap's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU): same answers, faster decoding")
+    p.add_argument("--official-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt with two BOS as the official eval scripts do, or one as in training "
+                        "(default: two for an official checkpoint_N.pth, one for ours)")
     p.add_argument("--analysis", metavar="OUT_DIR",
                    help="run the tug-of-war analysis (analysis.py: Figures 2, 4, 5) instead of the evaluation")
     p.add_argument("--batches", type=int, default=100,
@@ -290,7 +310,7 @@ def main(argv=None):
         os.environ["METEOR_DATA"] = args.meteor_data  # where meteor.meteor_data() looks first
     try:
         evaluate(args.checkpoint[0], args.data_root, names, args.limit, args.batch_size, args.out,
-                 args.llama, args.vit, args.device, compile=args.compile)
+                 args.llama, args.vit, args.device, compile=args.compile, official_prompt=args.official_prompt)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -30,6 +30,9 @@ Quirks reproduced on purpose (they define the published numbers):
     are summed over the corpus, with its tiny=1e-15 / small=1e-9 constants.
   * nltk sentence_bleu without smoothing returns 0 when no unigram matches, and a precision with
     zero matches (or a hypothesis shorter than n) becomes sys.float_info.min, so BLEU-n is ~1e-154.
+  * report generation: ROUGE and F1 score text normalised twice, since eval_caption.py's METEOR
+    step overwrites the shared records with normalised text first (score_dataset says how).
+  * IoU has no check for a reversed box, so one reversed by less than a pixel overlaps a little.
 
 PTB tokenisation (corpus_bleu). pycocoevalcap runs Stanford CoreNLP 3.4.1's PTBTokenizer in Java
 (-preserveLines -lowerCase) and then drops punctuation tokens. `ptb_tokenize` re-creates the part of
@@ -124,8 +127,12 @@ def normalize_word(text):
     return " ".join(words).replace(",", "")
 
 
-def clean_prediction(text):
-    """What the official scripts do to a generated answer before scoring it."""
+def clean_prediction(text, task):
+    """What the official script of `task` does to a generated answer before scoring it: lower-case,
+    remove `<unk>`, strip. eval_ref.py (REC) instead removes `<unk>` and every space, then strips,
+    and never lower-cases, so a box written with `<UNK>` in it does not parse there (nor here)."""
+    if task == "refer":
+        return text.replace("<unk>", "").replace(" ", "").strip()
     return text.lower().replace("<unk>", "").strip()
 
 
@@ -469,21 +476,21 @@ def meteor(references, predictions, data=None):
 # 7. Boxes (eval_ref.py, eval_utils.computeIoU)
 
 def iou(box_a, box_b, pixel_inclusive=True):
-    """IoU of two (x1, y1, x2, y2) pixel boxes.
+    """IoU of two (x1, y1, x2, y2) pixel boxes, with the arithmetic of the official computeIoU.
 
     pixel_inclusive=True is the official convention (coordinates name pixels, so a box spans
-    x2 - x1 + 1 of them); False gives the continuous-geometry IoU. A box with x2 < x1 or y2 < y1
-    is degenerate and scores 0 (the official formula would multiply two negative sides into a
-    positive area); so does a pair whose union has no area.
+    x2 - x1 + 1 of them); False gives the continuous-geometry IoU. Like computeIoU, there is no
+    check for a reversed box (x2 < x1 or y2 < y1): its side x2 - x1 + 1 stays positive when it is
+    reversed by less than a pixel, so it still overlaps a little, and a box reversed in both
+    directions has a positive area. The official numbers include such boxes, so we keep the formula.
+    Only a zero union, where computeIoU would divide by zero and stop, scores 0 here.
     """
     ax1, ay1, ax2, ay2 = box_a
     bx1, by1, bx2, by2 = box_b
-    if ax2 < ax1 or ay2 < ay1 or bx2 < bx1 or by2 < by1:
-        return 0.0
     e = 1 if pixel_inclusive else 0
     inter = max(0, min(ax2, bx2) - max(ax1, bx1) + e) * max(0, min(ay2, by2) - max(ay1, by1) + e)
     union = (ax2 - ax1 + e) * (ay2 - ay1 + e) + (bx2 - bx1 + e) * (by2 - by1 + e) - inter
-    return inter / union if union > 0 else 0.0
+    return inter / union if union != 0 else 0.0
 
 
 def rec_iou(pred_grid_box, gt_xywh, image_size, res=100.0, pixel_inclusive=True):
@@ -521,7 +528,9 @@ def score_sample(task, r):
     if task == "caption":
         if not r["prediction"] or not r["reference"]:
             return {"dropped": True}  # the RG metrics skip empty pairs, as eval_caption.py does
-        return {**rouge(refs, preds), "meteor": meteor(refs, preds)}
+        once_refs, once_preds = _normalised_once(refs, preds)  # see score_dataset
+        return {**rouge(once_refs, once_preds), "f1": token_f1(once_refs, once_preds)["f1"],
+                "meteor": meteor(refs, preds)}
     if task == "cls":
         return {"acc": exact_match(refs, preds)}
     scores = {"bleu1": sentence_bleu(refs, preds)["bleu1"], "f1": token_f1(refs, preds)["f1"]}
@@ -544,11 +553,18 @@ def _text_scores(records):
     return _percent({**sentence_bleu(refs, preds), "f1": token_f1(refs, preds)["f1"]})
 
 
+def _normalised_once(references, predictions):
+    return [[normalize_word(r) for r in refs] for refs in references], [normalize_word(p) for p in predictions]
+
+
 def score_dataset(task, records):
     """The metrics of one dataset, in percent (the paper's unit), as the official script of its task
     computes them."""
     if not records:
         return {}
+    if task == "refer":  # eval_ref.py: an unparsable answer has IoU 0 (no reference text needed)
+        ious = [rec_iou(r["pred_box"], r["box"], r["image_size"]) for r in records]
+        return {"iou": 100.0 * _mean(ious), "r@0.5": 100.0 * recall_at(ious)}
     refs, preds = [[r["reference"]] for r in records], [r["prediction"] for r in records]
     if task == "vqa":  # eval_vqa.py: all, open and closed subsets; "accuracy" on closed only
         closed = [r for r in records if is_closed(r.get("answer_type"))]
@@ -563,17 +579,23 @@ def score_dataset(task, records):
         return {**_text_scores(records), "acc": 100.0 * exact_match(refs, preds)}
     if task == "cls":  # eval_cls.py
         return {"acc": 100.0 * exact_match(refs, preds)}
-    if task == "refer":  # eval_ref.py: an unparsable answer has IoU 0
-        ious = [rec_iou(r["pred_box"], r["box"], r["image_size"]) for r in records]
-        return {"iou": 100.0 * _mean(ious), "r@0.5": 100.0 * recall_at(ious)}
     if task == "caption":  # eval_caption.py: empty predictions or references are dropped first
         kept = [r for r in records if r["prediction"] and r["reference"]]
         refs, preds = [[r["reference"]] for r in kept], [r["prediction"] for r in kept]
         if not kept:
-            return {**dict.fromkeys(("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rouge2", "rougeL",
-                                     "meteor")), "scored": 0}
-        return {**_percent(corpus_bleu(refs, preds)), **_percent(rouge(refs, preds)),
-                "meteor": 100.0 * meteor(refs, preds), "scored": len(kept)}
+            return {**dict.fromkeys(("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge1", "rouge2",
+                                     "rougeL", "f1")), "scored": 0}
+        # eval_caption.evaluate_all calls calculate_bleu, calculate_meteor, calculate_rouge and
+        # calculate_f1 in this order on the same records, and calculate_meteor overwrites them with
+        # normalize_word(prediction) and normalize_word(reference). So BLEU scores the raw texts,
+        # METEOR normalises once, and ROUGE and F1, which normalise again, see the text normalised
+        # twice. normalize_word is not idempotent (it strips at most 32 periods a pass, and a word
+        # freed of its period may then map, "none." -> "none" -> "0"), so we pass them the once-
+        # normalised texts, which they normalise again.
+        once_refs, once_preds = _normalised_once(refs, preds)
+        return {**_percent(corpus_bleu(refs, preds)), "meteor": 100.0 * meteor(refs, preds),
+                **_percent(rouge(once_refs, once_preds)), "f1": 100.0 * token_f1(once_refs, once_preds)["f1"],
+                "scored": len(kept)}
     raise ValueError(f"no metrics for task {task!r} (vqa, refer, identify, caption, cls, qa)")
 
 
@@ -595,7 +617,7 @@ def read_records(path):
             for key in ("task", "prediction") + (("box", "image_size") if row.get("task") == "refer" else ("reference",)):
                 if key not in row:
                     raise ValueError(f"{path}: line {i} has no '{key}' field")
-            r = {**row, "prediction": clean_prediction(str(row["prediction"]))}
+            r = {**row, "prediction": clean_prediction(str(row["prediction"]), row["task"])}
             if row["task"] == "refer":
                 r["pred_box"] = parse_box(r["prediction"])
             by_task.setdefault(row["task"], []).append(r)

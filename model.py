@@ -692,15 +692,16 @@ class UniMed(nn.Module):
     @torch.no_grad()
     def generate(self, images: Optional[torch.Tensor], instructions: list[str], task: str,
                  max_new_tokens: int = 100, temperature: float = 0.0, top_p: float = 1.0,
-                 compile: bool = False) -> list[str]:
+                 compile: bool = False, official_prompt: bool = False) -> list[str]:
         """Answers for a batch of one task: left-padded prompts, KV cache, greedy by default;
         `compile` compiles the decode step (same tokens, faster on a GPU).
 
-        One BOS, as in training (the official evaluation adds a second one: spec section 10)."""
+        One BOS, as in training; official_prompt gives two, as the official eval_*.py scripts do
+        (their template starts with `<s>` and the tokenizer adds one: spec sections 4 and 10)."""
         with self.autocast():
             image_embeds = None if images is None else self.encode_images(images, task)[0]
             prompts = self.embed_prompts(instructions, image_embeds, train=False)
-            bos = self.embed_ids([self.tokenizer.bos_id])
+            bos = self.embed_ids([self.tokenizer.bos_id] * (2 if official_prompt else 1))
             embeds, mask = pad_rows([torch.cat([bos, p]) for p in prompts], left=True)
             new_ids = self.llama.generate_from_embeds(embeds, mask, max_new_tokens=max_new_tokens,
                                                       temperature=temperature, top_p=top_p,
@@ -751,7 +752,7 @@ def read_checkpoint(path: str) -> dict:
         return ckpt
     if "format" in ckpt:
         raise ValueError(f"{path}: unknown checkpoint format {ckpt['format']!r} (expected 'unimed-ckpt')")
-    if not any(k.startswith(("llm_proj.", "task_tokens.", "llm_model.")) for k in ckpt["model"]):
+    if not any(k.startswith(("llm_proj.", "moe_layers.", "task_tokens.", "llm_model.")) for k in ckpt["model"]):
         raise ValueError(f"{path}: not a Uni-Med checkpoint: no 'format' entry (ours) and no "
                          f"official tensors (llm_proj.*, task_tokens.*, llm_model.*) in 'model'")
     return ckpt  # the official layout
@@ -761,13 +762,14 @@ def read_checkpoint(path: str) -> dict:
 #   task_tokens.<task>                                       [1, 1, task_token_c]
 #   llm_proj.<k>.{0,2}.{weight,bias}                         expert k of moe_mlp (0 = Linear in,
 #                                                            1 = GELU, 2 = Linear out)
+#   moe_layers.<k>.{0,2}.{weight,bias}                       the same experts again (see official_to_ours)
 #   llm_proj.{weight,bias} / llm_proj.{0,2}.*                linear / mlp2x_gelu connector
 #   router.fc1.*, router.fc2.*                               the router MLP
 #   llm_model.base_model.model.model.layers.<i>.{self_attn,mlp}.<proj>.lora_{A,B}.default.weight
 OFFICIAL_LORA = re.compile(r"llm_model\.base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
                            r"(\w+_proj)\.lora_([AB])\.default\.weight")
 OFFICIAL_EXPERT = re.compile(r"llm_proj\.(\d+)\.([02])\.(weight|bias)")
-OFFICIAL_FROZEN = re.compile(r".*rotary_emb\.inv_freq")  # a buffer older transformers saved; recomputed
+OFFICIAL_BUFFER = re.compile(r".*rotary_emb\.inv_freq")  # RoPE's constant frequencies; we compute them
 
 
 def official_config(ckpt: dict, path: str) -> dict:
@@ -804,20 +806,33 @@ def official_config(ckpt: dict, path: str) -> dict:
 
 
 def official_to_ours(state: dict, config: UniMedConfig, path: str = "checkpoint") -> dict:
-    """Rename the official trainable tensors to ours, dropping those the official model never uses.
+    """Rename the official trainable tensors to ours; one line says what was kept and dropped.
 
-    The official code builds a router whenever it builds MoE experts, since its test
-    `router_type == 'soft' or 'sparse'` is always true, but a hard or constant router never calls it
-    (spec section 10); it also keeps task tokens that nothing reads (linear and MLP connectors, or a
-    router that sees the token only). We build neither, so such tensors are dropped, and we say so.
-    Our router reads [task token, token] in the official order, so its weights need no permutation.
-    """
+    The official runner (LAVIS's `_save_checkpoint`) saves `state_dict()` less the keys that
+    `named_parameters()` names as frozen, so `checkpoint_N.pth` also holds (1) every expert twice:
+    one ModuleDict is registered as `moe_layers` and again as `llm_proj`, and named_parameters()
+    names only the first (one equal copy is kept); (2) the buffers state_dict() includes, each
+    layer's `rotary_emb.inv_freq` under transformers 4.30 (we compute RoPE's frequencies); (3) a
+    router whenever there are experts (its test `router_type == 'soft' or 'sparse'` is always true,
+    spec section 10), which a hard or constant router never calls, and task tokens nothing reads
+    (linear and MLP connectors, a router that sees the token only). Our router reads [task token,
+    token] in the official order, so its weights need no permutation."""
     c = config.connector
-    ours, dropped = {}, []
+    ours, aliases, buffers, unused = {}, [], [], []
     for key, t in state.items():
+        if key.startswith("moe_layers."):
+            twin = "llm_proj." + key.removeprefix("moe_layers.")
+            if twin not in state:
+                key = twin  # one copy only: it is the expert all the same
+            elif state[twin].shape == t.shape and torch.equal(state[twin], t):
+                aliases.append(key)
+                continue
+            else:
+                raise ValueError(f"{path}: '{key}' and '{twin}' differ, but the official model registers "
+                                 f"one tensor under both names (llm_proj = moe_layers): the file is inconsistent")
         m_lora, m_expert = OFFICIAL_LORA.fullmatch(key), OFFICIAL_EXPERT.fullmatch(key)
-        if OFFICIAL_FROZEN.fullmatch(key):
-            dropped.append(key)
+        if OFFICIAL_BUFFER.fullmatch(key):
+            buffers.append(key)
         elif m_lora:
             layer, block, proj, ab = m_lora.groups()
             block = "attn" if block == "self_attn" else "mlp"
@@ -826,12 +841,12 @@ def official_to_ours(state: dict, config: UniMedConfig, path: str = "checkpoint"
             if c.uses_task_tokens:
                 ours[f"connector.{key}"] = t  # [1, 1, task_token_c]
             else:
-                dropped.append(key)
+                unused.append(key)
         elif key.startswith("router."):
             if c.uses_router_network:
                 ours[f"connector.{key}"] = t  # router.fc1 / router.fc2, same names
             else:
-                dropped.append(key)
+                unused.append(key)
         elif c.connector == "moe" and m_expert:
             k, layer, kind = m_expert.groups()
             ours[f"connector.experts.{k}.{'fc1' if layer == '0' else 'fc2'}.{kind}"] = t
@@ -842,10 +857,10 @@ def official_to_ours(state: dict, config: UniMedConfig, path: str = "checkpoint"
         else:
             raise ValueError(f"{path}: official tensor '{key}' {list(t.shape)} has no counterpart in "
                              f"a model with connector {c.connector!r}, router {c.router!r}")
-    if dropped:
-        kinds = sorted({k.split(".")[0] for k in dropped})
-        print(f"{path}: dropped {len(dropped)} official tensors the official model never uses "
-              f"({', '.join(kinds)}; e.g. '{dropped[0]}')")
+    kinds = sorted({k.split(".")[0] for k in unused})
+    print(f"{path}: official checkpoint: kept {len(ours)} tensors; dropped {len(aliases)} aliases "
+          f"(moe_layers.* = llm_proj.*), {len(buffers)} frozen buffers (rotary_emb.inv_freq), "
+          f"{len(unused)} tensors the official model never uses" + (f" ({', '.join(kinds)})" if kinds else ""))
     return ours
 
 

@@ -33,7 +33,7 @@ def copy_of(demo, tmp_path, *parts):
 
 SIZES = {"train": dict(medqa=48, pubmedqa=48, slake_vqa=60, path_vqa=48, mimic_cxr=48, medpix=48, slake_rec=40,
                        slake_reg=40, sa_med2d_rec=40, sa_med2d_reg=40, dermamnist=48, organsmnist=48),
-         "test": dict(medqa=16, pubmedqa=16, slake_vqa=24, path_vqa=16, mimic_cxr=16, medpix=16, slake_rec=16,
+         "test": dict(medqa=16, pubmedqa=16, slake_vqa=24, path_vqa=16, mimic_cxr=16, medpix=17, slake_rec=16,
                       slake_reg=16, sa_med2d_rec=16, sa_med2d_reg=16, dermamnist=18, organsmnist=18)}
 
 
@@ -71,7 +71,7 @@ def test_loaders_read_the_official_fields(demo):
     s = sets["path_vqa"][1]
     assert s.answer == list(qas[1]["label"])[0] and s.instruction.endswith(qas[1]["sent"])
     assert s.answer_type == ("CLOSED" if qas[1]["answer_type"] == "yes/no" else "OPEN")
-    mimic = json.load(open(os.path.join(demo, "MIMIC_caption/annotation_small.json")))["test"]
+    mimic = json.load(open(os.path.join(demo, "MIMIC_caption/annotation.json")))["test"]
     assert sets["mimic_cxr"][3].answer == mimic[3]["report"]
     (obj, box), = json.load(open(os.path.join(demo, "Slake-VQA/imgs/xmlab500/detection.json")))[1].items()
     s = sets["slake_rec"][1]
@@ -364,10 +364,47 @@ def test_mimic_rows_without_image_are_skipped(demo, tmp_path, capsys):
     root = tmp_path / "root"
     shutil.copytree(os.path.join(demo, "MIMIC_caption"), root / "MIMIC_caption")
     shutil.copytree(os.path.join(demo, "MIMIC-CXR-JPG"), root / "MIMIC-CXR-JPG")
-    first = json.load(open(root / "MIMIC_caption/annotation_small.json"))["test"][0]["image_path"][0]
+    first = json.load(open(root / "MIMIC_caption/annotation.json"))["test"][0]["image_path"][0]
     os.remove(root / "MIMIC-CXR-JPG/2.0.0/files" / first)
     assert len(data.load_datasets(str(root), "test", names=["mimic_cxr"])["mimic_cxr"]) == 15
     assert "skipped 1 rows" in capsys.readouterr().err
+
+
+def test_mimic_splits_read_two_files(demo, tmp_path):
+    """Training reads annotation_small.json ["train"] (the dataset config), the test split
+    annotation.json ["test"] (eval_caption.py); each file's other split is never read."""
+    root = tmp_path / "root"
+    shutil.copytree(os.path.join(demo, "MIMIC-CXR-JPG"), root / "MIMIC-CXR-JPG")
+    small = json.load(open(os.path.join(demo, "MIMIC_caption/annotation_small.json")))["train"]
+    full = json.load(open(os.path.join(demo, "MIMIC_caption/annotation.json")))["test"]
+    (root / "MIMIC_caption").mkdir()
+    # each file also holds the other split, made of the rows that must not be read
+    json.dump({"train": small[:5], "test": small[5:8]}, open(root / "MIMIC_caption/annotation_small.json", "w"))
+    json.dump({"train": full[:4], "test": full[4:10]}, open(root / "MIMIC_caption/annotation.json", "w"))
+    for split, want in (("train", small[:5]), ("test", full[4:10])):
+        ds = data.load_datasets(str(root), split, names=["mimic_cxr"])["mimic_cxr"]
+        assert [ds[i].answer for i in range(len(ds))] == [data.process_text(r["report"]) for r in want], split
+        assert [r.id for r in ds.rows] == [f"mimic_cxr/{r['image_path'][0]}" for r in want], split
+    moved = tmp_path / "elsewhere.json"  # the path can be named
+    json.dump({"test": full[:2]}, open(moved, "w"))
+    ds = data.load_datasets(str(root), "test", names=["mimic_cxr"], paths={"mimic_cxr.annotation": str(moved)})
+    assert len(ds["mimic_cxr"]) == 2
+
+
+def test_medpix_keeps_a_cell_reading_none(demo, tmp_path):
+    """pandas 1.5.3 (the official environment) reads the cell None as text, so dropna() keeps the
+    row; the other default NaN spellings, and empty cells, drop it."""
+    root = copy_of(demo, tmp_path, "MedPix")
+    path = os.path.join(root, "MedPix/data_csv/MedPix_single_train.csv")
+    lines = open(path).read().splitlines()
+    names = [line.split(",")[0] for line in lines[1:5]]
+    lines += [f"{names[0]},None,caption", f"{names[1]},NA,caption", f"{names[2]},nan,caption",
+              f"{names[3]},NULL,caption", f"None,a caption whose image is missing,caption"]
+    open(path, "w").write("\n".join(lines) + "\n")
+    ds = data.load_datasets(root, "train", names=["medpix"])["medpix"]
+    assert len(ds) == 48 + 1 and ds[48].answer == "None" and ds.rows[48].id == f"medpix/{names[0]}"
+    test = data.load_datasets(demo, "test", names=["medpix"])["medpix"]  # the demo writes one such row
+    assert [test[i].answer for i in range(len(test))].count("None") == 1
 
 
 # -------------------------------------------------------------------------------------------------

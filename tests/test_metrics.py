@@ -214,6 +214,52 @@ def test_rouge_google_matches_rouge_score():
             assert M.rouge_google([[ref]], [pred]) == pytest.approx({k: v.fmeasure for k, v in want.items()}, abs=TOL)
 
 
+# --- report generation: ROUGE and F1 on text normalised twice (eval_caption.py's call order) -------
+
+# 33 periods: one pass strips 32 of them and leaves "none.", the second strips its period and maps it to 0
+MANY_PERIODS = ("None.", "x. " * 32 + "none.")
+
+
+def test_caption_rouge_and_f1_see_text_normalised_twice():
+    from rouge import Rouge
+    pairs = [MANY_PERIODS, ("Heart size is normal.", "the heart is normal."),
+             (" ".join(f"finding {i}." for i in range(40)), " ".join(f"finding {i}." for i in range(0, 40, 2))),
+             ("no pleural effusion", "")] + PAIRS[:30]
+    records = [{"reference": r, "prediction": p} for r, p in pairs]
+    got = M.score_dataset("caption", records)
+    kept = [(r, p) for r, p in pairs if r and p]  # eval_caption.py drops empty pairs first
+    twice = [(M.normalize_word(M.normalize_word(r)), M.normalize_word(M.normalize_word(p))) for r, p in kept]
+    # calculate_rouge: the `rouge` library on the twice-normalised texts, skipping empty ones, averaged
+    lib = [Rouge().get_scores(p, r)[0] for r, p in twice if r and p]
+    for k, name in (("rouge1", "rouge-1"), ("rouge2", "rouge-2"), ("rougeL", "rouge-l")):
+        assert got[k] == pytest.approx(100 * sum(s[name]["f"] for s in lib) / len(lib), abs=1e-6), k
+    # BLEU sees the raw texts and METEOR the once-normalised ones (they run before the rewrite)
+    refs, preds = [[r] for r, _ in kept], [p for _, p in kept]
+    assert got["bleu4"] == pytest.approx(100 * M.corpus_bleu(refs, preds)["bleu4"], abs=1e-9)
+    assert got["meteor"] == pytest.approx(100 * M.meteor(refs, preds), abs=1e-9)
+    assert got["scored"] == len(kept)
+    # the quirk matters: on text normalised once, ROUGE and F1 come out otherwise
+    assert got["rouge1"] != pytest.approx(100 * M.rouge(refs, preds)["rouge1"], abs=1e-3)
+    assert got["f1"] != pytest.approx(100 * M.token_f1(refs, preds)["f1"], abs=1e-3)
+
+
+def test_caption_scores_of_one_pair_by_the_two_pass_rule():
+    """By hand: normalised twice, "x. " * 32 + "none." is 32 x and one 0, and "None." is 0. F1 (the
+    official calculate_f1score): tp 1, fp 32, fn 0, so P 1/33, R 1, F1 2/34. ROUGE-1 (rouge 1.0.1
+    counts distinct unigrams): {x, 0} against {0}, P 1/2, R 1, F 2PR / (P + R + 1e-8).
+    Normalised once, the prediction ends in "none.", not 0, and both would be 0."""
+    ref, pred = MANY_PERIODS
+    assert M.normalize_word(pred).split()[-1] == "none." and M.normalize_word(M.normalize_word(pred)).split()[-1] == "0"
+    record = {"reference": ref, "prediction": pred}
+    got = M.score_dataset("caption", [record])
+    assert got["f1"] == pytest.approx(100 * 2 / 34, abs=1e-9)
+    assert got["rouge1"] == pytest.approx(100 * 2 * 0.5 / (1.5 + 1e-8), abs=1e-9)
+    assert got["rouge2"] == 0.0  # the reference has no bigram
+    per_sample = M.score_sample("caption", record)
+    assert per_sample["f1"] == pytest.approx(2 / 34) and per_sample["rouge1"] == pytest.approx(got["rouge1"] / 100)
+    assert M.token_f1([[ref]], [pred])["f1"] == 0.0 and M.rouge([[ref]], [pred])["rouge1"] == 0.0
+
+
 # --- METEOR: tests/test_meteor.py (against the Java METEOR 1.5 jar) ----------------------------
 
 
@@ -228,7 +274,22 @@ def test_iou_hand_checked():
     assert M.iou((0, 0, 10, 10), (5, 0, 15, 10), pixel_inclusive=False) == pytest.approx(50 / 150)
     assert M.iou((5, 5, 5, 5), (5, 5, 5, 5)) == 1.0  # zero-area box is one pixel in the official convention
     assert M.iou((5, 5, 5, 5), (5, 5, 5, 5), pixel_inclusive=False) == 0.0  # ... and empty in continuous
-    assert M.iou((5, 5, 2, 9), (0, 0, 9, 9)) == 0.0  # inverted (degenerate) box
+    assert M.iou((5, 5, 2, 9), (0, 0, 9, 9)) == 0.0  # reversed by 3 pixels: no overlap, and the area
+    # (2 - 5 + 1) * (9 - 5 + 1) = -10 only shrinks the union to 90, so the IoU is 0 / 90
+
+
+def test_iou_of_a_box_reversed_by_less_than_a_pixel():
+    """eval_utils.computeIoU has no reversed-box check; its arithmetic, worked out by hand:
+    pred (5, 0, 4.5, 10) vs gt (0, 0, 10, 10): intersection (4.5 - 5 + 1) * (10 - 0 + 1) = 0.5 * 11,
+    pred area (4.5 - 5 + 1) * (10 - 0 + 1) = 5.5, gt area 11 * 11 = 121, union 121 + 5.5 - 5.5 = 121."""
+    assert M.iou((5, 0, 4.5, 10), (0, 0, 10, 10)) == pytest.approx(5.5 / 121, abs=1e-12)
+    # the same box as a REC answer: grid {<10><0><9><20>} on a 50x50 image is x 5 -> 4.5, y 0 -> 10 pixels
+    assert M.rec_iou((10, 0, 9, 20), [0, 0, 10, 10], (50, 50)) == pytest.approx(5.5 / 121, abs=1e-12)
+    # reversed by half a pixel both ways: (0.5 * 0.5) / (121 + 0.25 - 0.25); the area stays positive
+    assert M.iou((5, 5, 4.5, 4.5), (0, 0, 10, 10)) == pytest.approx(0.25 / 121, abs=1e-12)
+    records = [{"pred_box": (10, 0, 9, 20), "box": [0, 0, 10, 10], "image_size": [50, 50]},
+               {"pred_box": None, "box": [0, 0, 10, 10], "image_size": [50, 50]}]
+    assert M.score_dataset("refer", records)["iou"] == pytest.approx(100 * (5.5 / 121) / 2, abs=1e-9)
 
 
 def test_rec_iou_and_recall():

@@ -62,6 +62,40 @@ def test_prompts_follow_the_official_format():
     assert build_prompt("[qa] why?", has_image=False, train=True) == "[INST] [qa] why? [/INST]"
 
 
+@pytest.mark.parametrize("official", [False, True])
+def test_generation_prompt_ids_by_hand(tokenizer, monkeypatch, official):
+    """The ids generation starts from, worked out from the spec's templates (section 4). Ours is the
+    training prompt's start, `<s>` then the template. The official evaluation template is
+    `<s>[INST] <Img><ImageHere></Img> {question} [/INST]`; its first piece is tokenised with the
+    tokenizer's own BOS in front, and `<s>` is BOS again; the pieces around the image carry no more."""
+    model = tiny_unimed(tokenizer).eval()
+    seen = []
+    monkeypatch.setattr(model.llama, "generate_from_embeds",
+                        lambda embeds, mask, **kw: seen.append((embeds, mask)) or [[tokenizer.eos_id]] * len(mask))
+    sp, bos = tokenizer.sp, tokenizer.bos_id
+    embed = lambda ids: model.llama.embed(torch.tensor(ids))
+    images = torch.randn(2, 3, 56, 56)
+    image_embeds = model.encode_images(images, "vqa")[0]
+    cases = [(images, ["[vqa] which side", "[vqa] is the heart round"], "vqa"), (None, ["[qa] where is the liver"], "qa")]
+    for imgs, questions, task in cases:
+        seen.clear()
+        model.generate(imgs, questions, task, max_new_tokens=4, official_prompt=official)
+        (embeds, mask), = seen
+        for row, q in enumerate(questions):
+            if official:
+                template = f"<s>[INST] <Img><ImageHere></Img> {q} [/INST]" if imgs is not None else f"<s>[INST] {q} [/INST]"
+                first, *rest = template.removeprefix("<s>").split("<ImageHere>")
+                pieces = [[bos, bos] + sp.encode(first)] + [sp.encode(r) for r in rest]
+            else:
+                template = f"[INST] <Img><ImageHere></Img> {q} [/INST]" if imgs is not None else f"[INST] {q} [/INST]"
+                first, *rest = template.split("<ImageHere>")
+                pieces = [[bos] + sp.encode(first)] + [sp.encode(r) for r in rest]
+            assert pieces[0][:2] == [bos, bos] if official else (pieces[0][0] == bos != pieces[0][1])
+            want = torch.cat([embed(pieces[0])] + ([image_embeds[row], embed(pieces[1])] if imgs is not None else []))
+            length = int(mask[row].sum())
+            assert length == len(want) and torch.equal(embeds[row, -length:], want), (task, row)
+
+
 def test_labels_cover_only_the_answer_and_eos(tokenizer):
     model = tiny_unimed(tokenizer)
     images = torch.randn(2, 3, 56, 56)

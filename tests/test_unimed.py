@@ -71,7 +71,7 @@ def test_generation_prompt_ids_by_hand(tokenizer, monkeypatch, official):
     model = tiny_unimed(tokenizer).eval()
     seen = []
     monkeypatch.setattr(model.llama, "generate_from_embeds",
-                        lambda embeds, mask, **kw: seen.append((embeds, mask)) or [[tokenizer.eos_id]] * len(mask))
+                        lambda embeds, mask, **kw: seen.append((embeds, mask)) or [[tokenizer.eos_id]] * len(embeds))
     sp, bos = tokenizer.sp, tokenizer.bos_id
     embed = lambda ids: model.llama.embed(torch.tensor(ids))
     images = torch.randn(2, 3, 56, 56)
@@ -92,7 +92,7 @@ def test_generation_prompt_ids_by_hand(tokenizer, monkeypatch, official):
                 pieces = [[bos] + sp.encode(first)] + [sp.encode(r) for r in rest]
             assert pieces[0][:2] == [bos, bos] if official else (pieces[0][0] == bos != pieces[0][1])
             want = torch.cat([embed(pieces[0])] + ([image_embeds[row], embed(pieces[1])] if imgs is not None else []))
-            length = int(mask[row].sum())
+            length = embeds.shape[1] if mask is None else int(mask[row].sum())  # None: no padding
             assert length == len(want) and torch.equal(embeds[row, -length:], want), (task, row)
 
 

@@ -431,11 +431,10 @@ def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of an HF model directory: the shards named by the index, or the single file."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = read_json(index, "safetensors index")
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict):
+        table = read_json(index, "safetensors index")
+        if not isinstance(table, dict) or not isinstance(table.get("weight_map"), dict):
             raise ValueError(f"{index}: no 'weight_map' (tensor name -> shard file)")
-        return [os.path.join(path, shard) for shard in sorted(set(weight_map.values()))]
+        return [os.path.join(path, shard) for shard in sorted(set(table["weight_map"].values()))]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]

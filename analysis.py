@@ -42,7 +42,6 @@ model's device.
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -59,7 +58,7 @@ from tqdm import tqdm
 
 import data
 from cmoe import IMAGE_TASKS, resample
-from files import write_json
+from files import read_json, write_json
 from lora import lora_layers
 from model import UniMed, checkpoint_data_root, read_checkpoint
 
@@ -771,13 +770,9 @@ def load_runs(source) -> list:
     if source is None:
         return []
     if isinstance(source, str):
-        with open(source) as f:
-            try:
-                source = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{source}: not a JSON file: {e}") from None
-        if source.get("format") != "unimed-analysis":
-            raise ValueError(f"{source}: not an analysis.json (no 'format': 'unimed-analysis')")
+        path, source = source, read_json(source, "analysis.json")
+        if not isinstance(source, dict) or source.get("format") != "unimed-analysis":
+            raise ValueError(f"{path}: not an analysis.json (no 'format': 'unimed-analysis')")
     return list(source["runs"])
 
 
@@ -827,7 +822,7 @@ def main(argv=None):
             else:
                 runs.append(analyse_checkpoint(path, label, config, args))
         report(runs, args.out)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input: the file, key or flag at fault is named in e
         sys.exit(f"error: {e}")
 
 

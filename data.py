@@ -28,6 +28,9 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import files
 
 
 # -------------------------------------------------------------------------------------------------
@@ -166,7 +169,7 @@ def parse_box(text: str) -> Optional[tuple]:
 
 
 # -------------------------------------------------------------------------------------------------
-# Reading files, with errors that name the dataset, the file and the row
+# Reading files (files.py names the file when it cannot be read; here the dataset and row are named)
 
 def _need(path, dataset, what):
     if not os.path.exists(path):
@@ -175,11 +178,7 @@ def _need(path, dataset, what):
 
 
 def _read_json(path, dataset, what):
-    with open(_need(path, dataset, what)) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{dataset}: {path} is not valid JSON ({e})") from None
+    return files.read_json(_need(path, dataset, what))
 
 
 def _field(row, key, kind, where):
@@ -191,34 +190,6 @@ def _field(row, key, kind, where):
     return row[key]
 
 
-def _open_image(path, dataset, where) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{dataset}: image of {where} not found at {path}") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{dataset}: cannot read image {path} ({where}): {e}") from None
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Admits lists, dicts, tuples, sets, strings and numbers only: a crafted file cannot run code."""
-    SAFE = {("builtins", "set"), ("builtins", "frozenset")}  # protocols <= 3 build sets via a global
-
-    def find_class(self, module, name):
-        if (module, name) in self.SAFE:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{self.path}: refused global '{module}.{name}' (Path-VQA "
-                                     f"annotations may hold only plain containers, strings, numbers)")
-
-
-def load_plain_pickle(path):
-    with open(path, "rb") as f:
-        unpickler = _PlainUnpickler(f)
-        unpickler.path = path
-        return unpickler.load()
-
-
 # -------------------------------------------------------------------------------------------------
 # One dataset = a list of rows + the instruction templates; images are opened in get()
 
@@ -228,7 +199,7 @@ class Row:
     where: str                        # "file, row N" for error messages
     slot: str = ""                    # what fills "{}" in the template (question / object name)
     answer: str = ""
-    image: object = None              # image path, or (npz path, array key, index) for MedMNIST
+    image: object = None              # image path, or (images array, index) for MedMNIST
     box: Optional[list] = None        # [x, y, w, h] pixels
     answer_type: Optional[str] = None
 
@@ -240,7 +211,6 @@ class TaskDataset(torch.utils.data.Dataset):
     def __init__(self, name, rows):
         self.name, self.task, self.rows = name, TASK_OF[name], rows
         self.templates, self.eval_template = TEMPLATES[name]
-        self.arrays = {}  # MedMNIST image arrays, read on first use so building stays cheap
 
     def __len__(self):
         return len(self.rows)
@@ -248,27 +218,57 @@ class TaskDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.get(i)
 
-    def load_image(self, row):
+    def image_file(self, row, read):
+        """read(row.image) for an image file, its errors naming the dataset and the row too."""
+        try:
+            return read(row.image)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.name}: {row.where}: image not found at {row.image}") from None
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {row.where}: {e}") from None
+
+    def load_image(self, row) -> Image.Image:
         if isinstance(row.image, str):
-            return _open_image(row.image, self.name, row.where)
-        npz, key, index = row.image
-        if (npz, key) not in self.arrays:
-            with np.load(npz) as f:
-                self.arrays[npz, key] = f[key]
-        return Image.fromarray(self.arrays[npz, key][index]).convert("RGB")
+            return self.image_file(row, files.read_image)
+        images, index = row.image  # MedMNIST: read and checked when the dataset was loaded
+        return Image.fromarray(images[index]).convert("RGB")
+
+    def check_box(self, row, size) -> None:
+        x, y, w, h = row.box
+        W, H = size
+        # 1 pixel of slack: pixel-inclusive annotations can end at W or H exactly
+        if x < 0 or y < 0 or w < 0 or h < 0 or x + w > W + 1 or y + h > H + 1:
+            raise ValueError(f"{self.name}: {row.where}: box [x, y, w, h] = {row.box} lies "
+                             f"outside the {W}x{H} image {row.image}")
+
+    def check_row(self, row, sizes: dict) -> Optional[str]:
+        """What get() would fail on for this row, found without decoding pixels (None: nothing):
+        its image is missing, its header does not decode or the file is cut short, its box lies
+        outside the image. Parsing and keys were checked when the rows were loaded, and so were the
+        MedMNIST arrays. `sizes` (image path -> (W, H), or None once its problem is reported)
+        is shared by all rows, so an image that many rows ask about is read and reported once."""
+        if not isinstance(row.image, str):
+            return None
+        if row.image not in sizes:
+            sizes[row.image] = None
+            try:
+                sizes[row.image] = self.image_file(row, files.read_image_size)
+            except (ValueError, OSError) as e:
+                return str(e)
+        if sizes[row.image] is not None and row.box is not None:
+            try:
+                self.check_box(row, sizes[row.image])
+            except ValueError as e:
+                return str(e)
+        return None
 
     def get(self, i, template: Optional[int] = None) -> Sample:
         row = self.rows[i]
         image = None if row.image is None else self.load_image(row)
         slot, answer = row.slot, row.answer
         if self.task in ("refer", "identify"):  # the box text depends on the original image size
-            x, y, w, h = row.box
-            W, H = image.size
-            # 1 pixel of slack: pixel-inclusive annotations can end at W or H exactly
-            if x < 0 or y < 0 or w < 0 or h < 0 or x + w > W + 1 or y + h > H + 1:
-                raise ValueError(f"{self.name}: {row.where}: box [x, y, w, h] = {row.box} lies "
-                                 f"outside the {W}x{H} image {row.image}")
-            text = box_to_text(row.box, (W, H))
+            self.check_box(row, image.size)
+            text = box_to_text(row.box, image.size)
             slot, answer = (slot, text) if self.task == "refer" else (text, answer)
         fmt = self.eval_template if template is None else self.templates[template]
         instruction = fmt.format(slot)
@@ -283,16 +283,10 @@ class TaskDataset(torch.utils.data.Dataset):
 
 def _medqa(p, split, name):
     path, rows = _need(p["questions"], name, "the MedQA jsonl"), []
-    with open(path) as f:
-        for n, line in enumerate(f):
-            if line.strip():
-                where = f"{path}, row {n}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: malformed row, not JSON ({e})") from None
-                rows.append(Row(f"{name}/{split}/{n}", where, _field(row, "question", str, where),
-                                process_text(_field(row, "answer", str, where))))
+    for n, row in files.read_jsonl(path):
+        where = f"{path}, row {n}"
+        rows.append(Row(f"{name}/{split}/{n}", where, _field(row, "question", str, where),
+                        process_text(_field(row, "answer", str, where))))
     return rows
 
 
@@ -307,8 +301,7 @@ def _pubmedqa(p, split, name):
 
 def _slake_folders(p, split, name):
     path = _need(os.path.join(p["dir"], f"{split}.txt"), name, "the Slake split list")
-    with open(path) as f:
-        return f.read().split()
+    return files.read_text(path, "Slake split list").split()
 
 
 def _slake_vqa(p, split, name):
@@ -359,7 +352,7 @@ def _sa_med2d_regions(p, split, name):
 
 def _path_vqa(p, split, name):
     path, rows = _need(p["qas"], name, "the Path-VQA pickle"), []
-    data = load_plain_pickle(path)
+    data = files.read_plain_pickle(path, "Path-VQA pickle")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of question dicts, got {type(data).__name__}")
     for n, q in enumerate(data):
@@ -408,34 +401,34 @@ _NAN = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1
 
 def _medpix(p, split, name):
     path, rows = _need(p["csv"], name, "the MedPix csv"), []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        absent = [c for c in ("name", "context", "type") if c not in (reader.fieldnames or [])]
-        if absent:
-            raise ValueError(f"{path}: malformed file, missing column(s) {absent}")
-        for n, row in enumerate(reader):
-            # dropna() (a ragged row has None cells), then keep the captions
-            if None in row or any(v is None or v in _NAN for v in row.values()) or row["type"] != "caption":
-                continue
-            rows.append(Row(f"{name}/{row['name']}", f"{path}, row {n}", "", process_text(row["context"]),
-                            os.path.join(p["images"], row["name"])))
+    columns, table = files.read_csv(path, "MedPix CSV")
+    absent = [c for c in ("name", "context", "type") if c not in columns]
+    if absent:
+        raise ValueError(f"{path}: malformed file, missing column(s) {absent}")
+    for n, row in enumerate(table):
+        # dropna() (a ragged row has None cells), then keep the captions
+        if None in row or any(v is None or v in _NAN for v in row.values()) or row["type"] != "caption":
+            continue
+        rows.append(Row(f"{name}/{row['name']}", f"{path}, row {n}", "", process_text(row["context"]),
+                        os.path.join(p["images"], row["name"])))
     return _with_images(name, path, rows)
 
 
 def _medmnist(p, split, name):
-    """MedMNIST+ npz: `{split}_images` (N, S, S[, 3]) uint8 (any S), `{split}_labels` (N, 1)."""
+    """MedMNIST+ npz: `{split}_images` (N, S, S[, 3]) uint8 (any S), `{split}_labels` (N, 1).
+    Both arrays are read here (an npz member cannot be read in part), so a damaged file is found now."""
     path = _need(p["npz"], name, "the MedMNIST npz")
-    with np.load(path) as f:
-        for key in (f"{split}_images", f"{split}_labels"):
-            if key not in f:
-                raise ValueError(f"{path}: missing array '{key}' (has {sorted(f.keys())})")
-        labels, shape = f[f"{split}_labels"], f[f"{split}_images"].shape
+    arrays = files.read_npz(path, [f"{split}_images", f"{split}_labels"], "MedMNIST .npz")
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
     names = CLASS_NAMES[name]
-    if labels.shape != (shape[0], 1) or labels.min() < 0 or labels.max() >= len(names):
-        raise ValueError(f"{path}: '{split}_labels' should be (N, 1) with N = {shape[0]} and "
+    if images.ndim not in (3, 4) or images.dtype != np.uint8:
+        raise ValueError(f"{path}: '{split}_images' should be (N, S, S) or (N, S, S, 3) uint8, got "
+                         f"{images.shape} {images.dtype}")
+    if labels.shape != (len(images), 1) or labels.min() < 0 or labels.max() >= len(names):
+        raise ValueError(f"{path}: '{split}_labels' should be (N, 1) with N = {len(images)} and "
                          f"values in [0, {len(names)}), got shape {labels.shape}")
     return [Row(f"{name}/{split}/{n}", f"{path}, {split} index {n}", CLS_QUESTIONS[name],
-                process_text(names[int(label)]), (path, f"{split}_images", n))
+                process_text(names[int(label)]), (images, n))
             for n, label in enumerate(labels[:, 0])]
 
 
@@ -500,6 +493,19 @@ def load_datasets(root, split, names=None, train=None, paths=None) -> dict:
     if train and any(n in out for n in MEDMNIST):  # the official ConcatDataset([Derma, OrganS])
         out["medmnist"] = TaskDataset("medmnist", [r for n in MEDMNIST if n in out for r in out.pop(n).rows])
     return out
+
+
+def check_datasets(datasets: dict, rank: int = 0, world: int = 1) -> list[str]:
+    """Check every row of `datasets` (this process's share of them, rows rank::world) as get() will
+    use it, before training starts, so that a bad row stops the run now rather than hours in, when
+    the mixture first draws it. Returns every problem found, one line each."""
+    work = [(ds, row) for ds in datasets.values() for row in ds.rows[rank::world]]
+    problems, sizes = [], {}
+    for ds, row in tqdm(work, desc="checking the data", unit="row", disable=rank != 0, leave=False):
+        problem = ds.check_row(row, sizes)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 # -------------------------------------------------------------------------------------------------

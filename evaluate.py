@@ -50,7 +50,7 @@ import analysis
 import data
 import meteor
 import metrics
-from files import write_json
+from files import read_log, write_json
 from model import UniMed, build_prompt, checkpoint_data_root, read_checkpoint
 
 MAX_NEW_TOKENS = 100  # eval_configs/uni_med_benchmark_evaluation.yaml
@@ -102,39 +102,11 @@ TABLES = [  # (title, [(dataset, [(metric, column label)])])
 # -------------------------------------------------------------------------------------------------
 # Generation, resumable
 
-def read_predictions(path: str) -> list:
-    """The complete lines of a predictions file; a last line cut short by a kill is removed from it."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        raw = f.read()
-    records, good_end = [], 0
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
-        end = good_end + len(line) + 1
-        if not line.strip():
-            good_end = min(end, len(raw))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if end <= len(raw):  # a complete line that is not JSON: not ours to throw away
-                raise ValueError(f"{path}:{lineno}: not a JSON line; delete the file to start over")
-            break  # the torn last line of an interrupted run
-        if end > len(raw):  # valid JSON but no newline yet: still the torn last line
-            break
-        records.append(record)
-        good_end = end
-    if good_end < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return records
-
-
 def evaluate_dataset(model: UniMed, name: str, dataset, out_dir: str, batch_size: int,
                      limit: Optional[int], compile: bool = False, official_prompt: bool = False) -> list:
     """Generate the answers of one dataset (skipping those already written) and return all records."""
     path = os.path.join(out_dir, f"predictions_{name}.jsonl")
-    records = read_predictions(path)
+    records = read_log(path)  # a last line torn by a kill is cut off
     if any(r.get("official_prompt", False) != official_prompt for r in records):  # a resumed run must not mix
         flag = "--official-prompt" if not official_prompt else "--no-official-prompt"
         raise ValueError(f"{path} was generated with the other prompt: resume with {flag}, or delete it")
@@ -311,7 +283,7 @@ def main(argv=None):
     try:
         evaluate(args.checkpoint[0], args.data_root, names, args.limit, args.batch_size, args.out,
                  args.llama, args.vit, args.device, compile=args.compile, official_prompt=args.official_prompt)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input: the file, key or row at fault is named in e
         sys.exit(f"error: {e}")
 
 

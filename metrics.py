@@ -56,7 +56,6 @@ only; evaluate.py then says so and marks the column, as those numbers are not th
 Usage: python metrics.py predictions.jsonl  (fields: task, prediction, reference, answer_type for
 VQA, box [x, y, w, h] and image_size [W, H] for REC); evaluate.py scores with the same score_dataset.
 """
-import json
 import math
 import re
 import sys
@@ -605,22 +604,18 @@ def score_dataset(task, records):
 def read_records(path):
     """The rows of a predictions .jsonl, grouped by task and cleaned as evaluate.py cleans them."""
     from data import parse_box  # the box format lives in data.py; only the command line needs it here
+    from files import read_jsonl
     by_task = {}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {i} is not valid JSON: {err}") from None
-            for key in ("task", "prediction") + (("box", "image_size") if row.get("task") == "refer" else ("reference",)):
-                if key not in row:
-                    raise ValueError(f"{path}: line {i} has no '{key}' field")
-            r = {**row, "prediction": clean_prediction(str(row["prediction"]), row["task"])}
-            if row["task"] == "refer":
-                r["pred_box"] = parse_box(r["prediction"])
-            by_task.setdefault(row["task"], []).append(r)
+    for n, row in read_jsonl(path, "predictions"):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, row {n}: not a JSON object")
+        for key in ("task", "prediction") + (("box", "image_size") if row.get("task") == "refer" else ("reference",)):
+            if key not in row:
+                raise ValueError(f"{path}, row {n}: no '{key}' field")
+        r = {**row, "prediction": clean_prediction(str(row["prediction"]), row["task"])}
+        if row["task"] == "refer":
+            r["pred_box"] = parse_box(r["prediction"])
+        by_task.setdefault(row["task"], []).append(r)
     return by_task
 
 
@@ -632,7 +627,7 @@ def main(argv):
             scores = score_dataset(task, records)
             print(f"{task} ({len(records)} samples): " +
                   ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # a file that cannot be read, or a bad row: named in e
         sys.exit(f"error: {e}")
 
 

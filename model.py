@@ -14,7 +14,6 @@ KV cache, decodes greedily or by temperature / top-p sampling and stops each row
 Chapter outline: config, layers, Llama, generation, loading and saving, tokenizer, CLI.
 """
 import argparse
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -26,9 +25,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 from safetensors.torch import save_file
-from sentencepiece import SentencePieceProcessor
 from cmoe import Connector, ConnectorConfig
-from files import load_safetensors, read_torch, write_json
+from files import load_safetensors, read_json, read_sentencepiece, read_torch, write_json
 from lora import apply_lora
 from vision import EVAConfig, EVAViT
 
@@ -269,8 +267,11 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "Llama":
         """Load an HF LLaMA-2 directory (config.json + safetensors) in eval mode, built on meta first."""
-        with open(os.path.join(path, "config.json")) as f:
-            config = LlamaConfig.from_hf(json.load(f))
+        file = os.path.join(path, "config.json")
+        try:
+            config = LlamaConfig.from_hf(read_json(file, "LLaMA config.json"))
+        except KeyError as e:
+            raise ValueError(f"{file}: not a LLaMA config.json, it has no field {e}") from None
         with torch.device("meta"):
             model = cls(config)
         load_safetensors(model, checkpoint_files(path), hf_to_ours, dtype, device)
@@ -430,9 +431,10 @@ def checkpoint_files(path: str) -> list[str]:
     """The safetensors files of an HF model directory: the shards named by the index, or the single file."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, shard) for shard in shards]
+        table = read_json(index, "safetensors index")
+        if not isinstance(table, dict) or not isinstance(table.get("weight_map"), dict):
+            raise ValueError(f"{index}: no 'weight_map' (tensor name -> shard file)")
+        return [os.path.join(path, shard) for shard in sorted(set(table["weight_map"].values()))]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
@@ -484,9 +486,7 @@ class Tokenizer:
     def __init__(self, path: str):
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.model")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no SentencePiece tokenizer.model")
-        self.sp = SentencePieceProcessor(model_file=path)
+        self.sp = read_sentencepiece(path)
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
         self.pad_id = self.sp.piece_to_id("$$")
         self.vocab_size = self.sp.get_piece_size()

@@ -44,9 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import data
-from files import read_torch, save_torch
+from files import read_json, read_log, save_torch, write_jsonl
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
-from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt, save_pretrained
+from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt, read_checkpoint, save_pretrained
 from vision import EVAConfig, EVAViT
 
 # -------------------------------------------------------------------------------------------------
@@ -113,6 +113,9 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", help="checkpoint path (default ckpt.pt); its log goes to OUT minus .pt + .jsonl")
     g.add_argument("--resume", help="checkpoint to continue from, exactly (its flags are reused)")
+    g.add_argument("--check-data", action=argparse.BooleanOptionalAction,
+                   help="check every training row (its image's header, its box) before the first step, "
+                        "and stop on any problem (default on; --no-check-data skips it)")
     g.add_argument("--log-every", type=int, help="steps between JSONL log lines (default 10)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints (default 1000; 0: at the end only)")
     g.add_argument("--device", help="cuda, cpu, cuda:1 ... (default cuda if available)")
@@ -129,7 +132,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 
 DEFAULTS = dict(resampler="projection", rate=4, connector="moe", experts=5, router="soft",
                 router_input="token_task", top_k=2, router_hidden=None, lora_moe=False,
-                batch_size=4, grad_accum=1, seed=42, out="ckpt.pt", log_every=10, save_every=1000, dry_run=False)
+                batch_size=4, grad_accum=1, seed=42, out="ckpt.pt", log_every=10, save_every=1000, dry_run=False,
+                check_data=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.resume:
         given = vars(build_parser(suppress=True).parse_args(argv))
-        saved = read_torch(args.resume)["config"]["args"]
+        saved = read_resume(args.resume)["config"]["args"]
         args = argparse.Namespace(**{**saved, **given})
     paths = {"--llama": args.llama, "--vit": args.vit, "--data-root": args.data_root}
     if any(paths.values()) and not all(paths.values()) and not args.dry_run:
@@ -145,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         sys.exit(f"train.py: real runs need --llama, --vit and --data-root together; missing {missing}")
     args.demo = not any(paths.values())
     for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:  # (a checkpoint from before a flag existed lacks it)
             setattr(args, key, value)
     args.schedule = args.schedule or ("demo" if args.demo else "paper")
     sched = SCHEDULES[args.schedule]
@@ -311,6 +315,19 @@ def count_tokens(tokenizer, batch, image_tokens: int) -> int:
 # -------------------------------------------------------------------------------------------------
 # Checkpoints
 
+def read_resume(path: str) -> dict:
+    """A checkpoint of train.py's, holding everything an exact resume needs."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != "unimed-ckpt":
+        raise ValueError(f"{path}: not a checkpoint of train.py (an official checkpoint can be "
+                         f"evaluated, but holds no optimizer or sampler state to resume from)")
+    missing = [k for k in ("step", "optimizer", "scheduler", "sampler", "rng") if k not in ckpt]
+    missing += ["config.args"] if "args" not in ckpt["config"] else []
+    if missing:
+        raise ValueError(f"{path}: cannot resume from it, it has no {', '.join(missing)}")
+    return ckpt
+
+
 def rng_state() -> dict:
     """Every RNG the run touches, as tensors and plain types (torch.load(weights_only=True) safe)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -363,16 +380,16 @@ class Run:
 def main(argv=None, stop_at=None) -> dict:
     """Train; returns the last checkpoint dict. `stop_at` ends the run early at that step, with a
     checkpoint, as Ctrl-C does (the tests use it to compare a resumed run with a straight one)."""
-    args = parse_args(argv)
-    if args.dry_run:
-        return dry_run(args)
-    run = setup(args)
     try:
+        args = parse_args(argv)
+        if args.dry_run:
+            return dry_run(args)
+        run = setup(args)
         last = loop(run, stop_at)
-    except Stop as e:
+    except (Stop, ValueError, OSError) as e:  # a NaN, or bad input: the file, row or flag is named in e
         sys.exit(f"train.py: {e}")
     finally:
-        if run.world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
     if run.main_rank and run.step == args.iters:
         print(f"done: {run.step} steps; checkpoint {args.out}, log {log_path(args)}")
@@ -380,8 +397,8 @@ def main(argv=None, stop_at=None) -> dict:
 
 
 def setup(args) -> Run:
-    """Processes, base weights (the demo's, built once), the model, the optimizer, the data; and
-    everything a checkpoint holds, on --resume."""
+    """Processes, the demo (built once), the data (every row checked), the base weights and the
+    model, the optimizer; and everything a checkpoint holds, on --resume."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
@@ -406,6 +423,11 @@ def setup(args) -> Run:
               f"from {schedule['warmup_lr']:g}, {'cosine to ' + format(schedule['min_lr'], 'g') if schedule['cosine'] else 'then constant'}), "
               f"AdamW betas {schedule['betas']}, batch {args.batch_size} x accum {args.grad_accum} x "
               f"{world} process(es), seed {args.seed}")
+    # the data first: a bad row or file stops the run before minutes of loading weights
+    datasets = data.load_datasets(data_root, "train", train=True)
+    mixture = data.Mixture(datasets, data.RATIOS, args.batch_size * args.grad_accum * world, seed=args.seed)
+    if args.check_data:
+        check_data(datasets, rank, world)
 
     torch.manual_seed(args.seed)  # same initial trainable weights on every rank
     vit_config = DEMO_EVA if args.demo else EVAConfig()
@@ -416,8 +438,6 @@ def setup(args) -> Run:
     optimizer = make_optimizer(model, schedule["lr"], schedule["betas"])
     # LambdaLR scales the peak lr by lr_at(step) / peak, stepping once per optimizer step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, schedule) / schedule["lr"])
-    datasets = data.load_datasets(data_root, "train", train=True)
-    mixture = data.Mixture(datasets, data.RATIOS, args.batch_size * args.grad_accum * world, seed=args.seed)
     net = model
     if world > 1:
         # Only trainable parameters are reduced. A batch has one task, so the task tokens of the
@@ -429,7 +449,7 @@ def setup(args) -> Run:
               "args": {k: v for k, v in vars(args).items() if k not in ("resume", "demo")}}
     run = Run(args, rank, world, device, model, net, optimizer, scheduler, mixture, config)
     if args.resume:
-        ckpt = read_torch(args.resume)
+        ckpt = read_resume(args.resume)
         model.load_trainable_state_dict(ckpt["model"], source=args.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -439,6 +459,28 @@ def setup(args) -> Run:
         if rank == 0:
             print(f"resumed from {args.resume} at step {run.step}")
     return run
+
+
+def check_data(datasets: dict, rank: int, world: int, shown: int = 20) -> None:
+    """data.check_datasets on every row before the first step, each process checking a share; all
+    problems are reported at once (the first `shown`, and how many more), by rank 0."""
+    start = time.perf_counter()
+    problems = data.check_datasets(datasets, rank, world)
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, problems)
+        problems = [p for share in shares for p in share]
+    rows = sum(len(ds) for ds in datasets.values())
+    if problems and rank > 0:
+        raise ValueError("the training data has problems (rank 0 lists them)")
+    if problems:
+        more = [f"... and {len(problems) - shown} more"] if len(problems) > shown else []
+        raise ValueError(f"the training data has {len(problems)} problem(s), found before the first step:\n  "
+                         + "\n  ".join(problems[:shown] + more)
+                         + "\nfix them, or skip this check with --no-check-data")
+    if rank == 0:
+        print(f"checked {rows} training rows of {len(datasets)} datasets in "
+              f"{time.perf_counter() - start:.2f} s: no problems")
 
 
 def train_step(run: Run, samples: list) -> tuple:
@@ -554,14 +596,25 @@ def log_path(args) -> str:
 @contextlib.contextmanager
 def open_log(run: Run):
     """The JSONL log beside the checkpoint (rank 0 only): a new run starts a new log, a resumed one
-    appends."""
+    appends, after the steps past its checkpoint are cut."""
     if not run.main_rank:
         yield None
         return
     path = log_path(run.args)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if run.args.resume:
+        cut_log(path, run.step)
     with open(path, "a" if run.args.resume else "w") as log:
         yield log
+
+
+def cut_log(path: str, step: int) -> None:
+    """Keep the log records up to the checkpoint's `step`: a run killed after its last checkpoint
+    logged steps that the resumed run logs again (a line torn by the kill goes too: read_log)."""
+    records = read_log(path)
+    kept = [r for r in records if r["step"] <= step]
+    if len(kept) < len(records):
+        write_jsonl(path, kept)
 
 
 # Log windows: per-task means of the loss and the routing weights over the last log_every steps
@@ -785,8 +838,7 @@ def dry_run(args) -> dict:
         path = os.path.join(args.llama, "config.json")
         if not os.path.exists(path):
             sys.exit(f"train.py --dry-run: {path} not found (--llama names an HF LLaMA-2 directory)")
-        with open(path) as f:
-            llama = LlamaConfig.from_hf(json.load(f))
+        llama = LlamaConfig.from_hf(read_json(path, "LLaMA config.json"))
     vit, config = EVAConfig(), unimed_config(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # fake tensors: no memory is used on either
     image_tokens = num_image_tokens(config.connector, vit)

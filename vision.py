@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from files import load_safetensors, open_safetensors
+from files import load_safetensors, open_safetensors, read_torch
 
 
 @dataclass
@@ -193,8 +193,7 @@ def convert(src: str, dst: str, config: Optional[EVAConfig] = None) -> list[str]
     Returns (and prints) the keys it dropped: block 39, and anything else the model has no slot for.
     Shapes are checked when the file is loaded, so a checkpoint with another position grid converts.
     """
-    # weights_only: a .pth is a pickle, and we never unpickle arbitrary objects
-    state = torch.load(src, map_location="cpu", weights_only=True)
+    state = read_torch(src, "checkpoint (EVA ViT-G .pth)")  # a .pth is a pickle: never unpickle code
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # training checkpoints wrap the weights
     if not isinstance(state, dict):
@@ -234,4 +233,7 @@ def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "convert":
         sys.exit("usage: python vision.py convert eva_vit_g.pth eva_vit_g.safetensors")
-    convert(sys.argv[2], sys.argv[3])
+    try:
+        convert(sys.argv[2], sys.argv[3])
+    except (ValueError, OSError) as e:  # the file at fault is named in e
+        sys.exit(f"vision.py convert: {e}")

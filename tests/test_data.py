@@ -1,4 +1,5 @@
 """data.py: loaders on the demo miniature, boxes, templates, the mixture, bad data, the demo itself."""
+import glob
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 import types
 from collections import Counter, OrderedDict
 
+import numpy as np
 import pytest
 import torch
 
@@ -339,10 +341,10 @@ def test_unreadable_and_missing_image(demo, tmp_path):
     image = os.path.join(root, "Slake-VQA/imgs/xmlab0/source.jpg")
     open(image, "wb").write(b"not a jpeg")
     ds = data.load_datasets(root, "train", names=["slake_vqa"])["slake_vqa"]
-    with pytest.raises(ValueError, match=r"cannot read image .*xmlab0/source.jpg \(.*question.json, row 0\)"):
+    with pytest.raises(ValueError, match=r"question.json, row 0: .*xmlab0/source.jpg: not an image"):
         ds[0]
     os.remove(image)
-    with pytest.raises(FileNotFoundError, match=r"image of .*question.json, row 0 not found at .*xmlab0/source"):
+    with pytest.raises(FileNotFoundError, match=r"question.json, row 0: image not found at .*xmlab0/source"):
         ds[0]
 
 
@@ -352,7 +354,7 @@ def test_path_vqa_pickle_refuses_globals(demo, tmp_path):
     rows = pickle.load(open(path, "rb"))
     rows[0]["label"] = OrderedDict(rows[0]["label"])  # harmless, but a global all the same
     pickle.dump(rows, open(path, "wb"))
-    with pytest.raises(pickle.UnpicklingError, match=r"train_vqa.pkl: refused global 'collections.OrderedDict'"):
+    with pytest.raises(ValueError, match=r"train_vqa.pkl: refused global 'collections.OrderedDict'"):
         data.load_datasets(root, "train", names=["path_vqa"])
     rows[0]["label"] = {}
     pickle.dump(rows, open(path, "wb"), protocol=2)  # old protocol: plain containers still load
@@ -405,6 +407,73 @@ def test_medpix_keeps_a_cell_reading_none(demo, tmp_path):
     assert len(ds) == 48 + 1 and ds[48].answer == "None" and ds.rows[48].id == f"medpix/{names[0]}"
     test = data.load_datasets(demo, "test", names=["medpix"])["medpix"]  # the demo writes one such row
     assert [test[i].answer for i in range(len(test))].count("None") == 1
+
+
+# -------------------------------------------------------------------------------------------------
+# Every kind of file a loader reads, damaged: loading, or the check before training, names it
+
+DATASET_FILES = [  # (dataset, a file it reads, as a glob under the data root)
+    ("medqa", "MedQA/questions/US/train.jsonl"),
+    ("pubmedqa", "PubMedQA/train_set.json"),
+    ("slake_vqa", "Slake-VQA/imgs/xmlab3/question.json"),
+    ("slake_rec", "Slake-VQA/imgs/xmlab3/detection.json"),
+    ("slake_vqa", "Slake-VQA/imgs/xmlab0/source.jpg"),
+    ("path_vqa", "Path-VQA/qas/train_vqa.pkl"),
+    ("path_vqa", "Path-VQA/images/train/train_0000.jpg"),
+    ("mimic_cxr", "MIMIC_caption/annotation_small.json"),
+    ("mimic_cxr", "MIMIC-CXR-JPG/2.0.0/files/*/*/*/*.jpg"),
+    ("medpix", "MedPix/data_csv/MedPix_single_train.csv"),
+    ("medpix", "MedPix/MedPix/images/*.png"),
+    ("sa_med2d_rec", "SA-Med2D-20M/regions_small_train/ct/*.json"),
+    ("sa_med2d_reg", "SA-Med2D-20M/images_small_train/mr/*.png"),
+    ("dermamnist", "MedMNIST/dermamnist_224.npz"),
+]
+
+
+def problems_of(root, name):
+    """What a user sees: the error of loading, or the problems check_datasets lists."""
+    try:
+        datasets = data.load_datasets(root, "train", names=[name], train=False)
+    except (ValueError, OSError) as e:
+        return [str(e)]
+    return data.check_datasets(datasets)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("name, pattern", DATASET_FILES, ids=[p.split("/")[-1] for _, p in DATASET_FILES])
+def test_every_damaged_dataset_file_is_named(demo, tmp_path, name, pattern, damage):
+    root = str(tmp_path / "root")
+    shutil.copytree(demo, root)
+    assert problems_of(root, name) == []
+    path = sorted(glob.glob(os.path.join(root, pattern)))[0]
+    raw = open(path, "rb").read()
+    # cut inside a line (a text file cut at a line end is whole as far as anyone can tell), and in a
+    # CSV before its last cell (a row cut in its last cell is still a whole row: "capt", not a caption)
+    cut = len(raw) // 2
+    if path.endswith((".jsonl", ".csv")):
+        cut = raw.index(b"\n", cut) - (20 if path.endswith(".csv") else 5)
+    open(path, "wb").write(raw[:cut] if damage == "truncated" else np.random.default_rng(0).bytes(len(raw)))
+    problems = problems_of(root, name)
+    assert len(problems) == 1 and path in problems[0], problems
+
+
+def test_check_reports_every_problem_at_once(demo, tmp_path):
+    root = copy_of(demo, tmp_path, "Slake-VQA")
+    imgs = os.path.join(root, "Slake-VQA/imgs")
+    os.remove(os.path.join(imgs, "xmlab0/source.jpg"))  # 3 English questions ask about it
+    raw = open(os.path.join(imgs, "xmlab1/source.jpg"), "rb").read()
+    open(os.path.join(imgs, "xmlab1/source.jpg"), "wb").write(raw[: len(raw) // 2])  # cut short
+    json.dump([{"tumor": [50, 10, 30, 10]}, {"kidney": [1, 1, 5, 5]}], open(os.path.join(imgs, "xmlab2/detection.json"), "w"))
+    datasets = data.load_datasets(root, "train", names=["slake_vqa", "slake_rec", "slake_reg"], train=False)
+    problems = data.check_datasets(datasets)
+    # each bad image once (at the first row that asks for it, in any dataset), each bad box per row
+    assert len(problems) == 4, problems
+    assert sum("xmlab0/question.json, row 0: image not found at" in p and "xmlab0/source.jpg" in p for p in problems) == 1
+    assert sum("xmlab1/source.jpg: not a readable image (truncated?)" in p for p in problems) == 1
+    assert sum("xmlab2/detection.json, row 0: box" in p and "outside the 64x64 image" in p for p in problems) == 2
+    # two processes share the rows and together find the same problems
+    shares = data.check_datasets(datasets, 0, 2) + data.check_datasets(datasets, 1, 2)
+    assert {p for p in shares if "box" in p} == {p for p in problems if "box" in p}
 
 
 # -------------------------------------------------------------------------------------------------

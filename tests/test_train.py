@@ -6,6 +6,7 @@ module; every test trains from it on CPU in fp32 and writes into its own tmp_pat
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,10 +86,16 @@ def test_demo_run_learns_and_writes_a_checkpoint(run):
     assert routed and all(len(w) == 5 and abs(sum(w) - 1) < 1e-3 for w in routed)
 
 
-def test_resume_is_exact(run):
-    straight, _, _ = run("--iters", "8", out="straight.pt")
+def test_resume_is_exact_and_its_log_has_no_repeated_steps(run, tmp_path):
+    straight, straight_log, _ = run("--iters", "8", out="straight.pt")
     half, _, path = run("--iters", "8", out="resumed.pt", stop_at=4)
     assert half["step"] == 4
+    # a run killed at step 6 whose last checkpoint is step 4's: its log has steps 5, 6 and a torn line
+    shutil.copy(path, tmp_path / "step4.pt")
+    train.main(["--resume", path, "--out", path], stop_at=6)
+    with open(path[:-3] + ".jsonl", "a") as log:
+        log.write('{"step": 7, "lo')
+    shutil.copy(tmp_path / "step4.pt", path)
     train.main(["--resume", path, "--out", path])  # every other flag comes from the checkpoint
     resumed = torch.load(path, map_location="cpu", weights_only=True)
     assert resumed["step"] == 8
@@ -97,6 +104,9 @@ def test_resume_is_exact(run):
         assert torch.equal(value, resumed["sampler"][key]) if torch.is_tensor(value) else value == resumed["sampler"][key]
     exp_avg = lambda ckpt: [s["exp_avg"] for s in ckpt["optimizer"]["state"].values()]
     assert all(torch.equal(a, b) for a, b in zip(exp_avg(straight), exp_avg(resumed)))
+    log = [json.loads(line) for line in open(path[:-3] + ".jsonl")]
+    assert [r["step"] for r in log] == [r["step"] for r in straight_log] == list(range(1, 9))
+    assert [(r["loss"], r["lr"]) for r in log] == [(r["loss"], r["lr"]) for r in straight_log]
 
 
 def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
@@ -128,6 +138,36 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_bad_data_stops_the_run_before_the_weights_are_loaded(demo, tmp_path, monkeypatch):
+    root = tmp_path / "copy"
+    shutil.copytree(demo, root)
+    monkeypatch.setattr(train, "DEMO_EVA", TINY_EVA)
+    monkeypatch.chdir(root)
+    imgs = root / "demo/data/Slake-VQA/imgs"
+    os.remove(imgs / "xmlab0/source.jpg")
+    json.dump([{"tumor": [50, 10, 30, 10]}, {"kidney": [1, 1, 5, 5]}], open(imgs / "xmlab2/detection.json", "w"))
+    loaded = []
+    monkeypatch.setattr(UniMed, "from_pretrained", lambda *a, **k: loaded.append(1))
+    with pytest.raises(SystemExit) as stop:
+        train.main([*FAST, "--iters", "2", "--out", str(tmp_path / "ckpt.pt")])
+    lines = str(stop.value.code).splitlines()
+    assert lines[0] == "train.py: the training data has 3 problem(s), found before the first step:"
+    assert "xmlab0/source.jpg" in lines[1] and "image not found" in lines[1]
+    assert all("xmlab2/detection.json, row 0: box" in line for line in lines[2:4])
+    assert lines[-1] == "fix them, or skip this check with --no-check-data"
+    assert not loaded and not os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_the_check_lists_the_first_20_problems_and_can_be_skipped(run, monkeypatch):
+    monkeypatch.setattr(data, "check_datasets", lambda datasets, rank, world: [f"problem {i}" for i in range(25)])
+    with pytest.raises(ValueError) as e:
+        train.check_data({}, 0, 1)
+    lines = str(e.value).splitlines()
+    assert lines[1:] == [f"  problem {i}" for i in range(20)] + ["  ... and 5 more", lines[-1]]
+    ckpt, _, _ = run("--iters", "1", "--no-check-data")  # the same 25 problems, not looked for
+    assert ckpt["step"] == 1
 
 
 def test_ddp_on_gloo_equals_one_process(run, demo, tmp_path):

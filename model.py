@@ -11,7 +11,8 @@ Inputs are token ids or `inputs_embeds` (Uni-Med splices image embeddings into t
 an attention mask for padded batches. Generation takes left-padded batches, keeps a preallocated
 KV cache, decodes greedily or by temperature / top-p sampling and stops each row at its own eos.
 
-Chapter outline: config, layers, Llama, generation, loading and saving, tokenizer, CLI.
+Chapter outline: config, layers, Llama, generation, loading and saving, tokenizer, Uni-Med, the
+shape trace, CLI.
 """
 import argparse
 import contextlib
@@ -946,15 +947,12 @@ TRACE = [  # (stage, module, its input or output, paper equation), in the order 
     ("experts mixed: sum_k w_k E_k(f_ag)", "connector", "out", "Eq. 9"),
     ("prompt embeddings, image spliced in", "llama", "in", ""),
     ("block 0: attn_norm", "llama.layers.0.attn_norm", "out", ""),
-    ("block 0: q_proj + LoRA", "llama.layers.0.attn.q_proj", "out", ""),
-    ("block 0: k_proj + LoRA", "llama.layers.0.attn.k_proj", "out", ""),
-    ("block 0: v_proj + LoRA", "llama.layers.0.attn.v_proj", "out", ""),
+    *[(f"block 0: {p} + LoRA", f"llama.layers.0.attn.{p}", "out", "") for p in ("q_proj", "k_proj", "v_proj")],
     ("block 0: attention, heads merged", "llama.layers.0.attn.o_proj", "in", ""),
     ("block 0: o_proj + LoRA", "llama.layers.0.attn.o_proj", "out", ""),
     ("block 0: mlp_norm", "llama.layers.0.mlp_norm", "out", ""),
-    ("block 0: gate_proj + LoRA", "llama.layers.0.mlp.gate_proj", "out", ""),
-    ("block 0: up_proj + LoRA", "llama.layers.0.mlp.up_proj", "out", ""),
-    ("block 0: down_proj + LoRA", "llama.layers.0.mlp.down_proj", "out", ""),
+    *[(f"block 0: {p} + LoRA", f"llama.layers.0.mlp.{p}", "out", "") for p in ("gate_proj", "up_proj",
+                                                                                 "down_proj")],
     ("block 0 output (and of blocks 1-31)", "llama.layers.0", "out", ""),
     ("final norm", "llama.norm", "out", ""),
     ("logits", "llama.lm_head", "out", ""),
@@ -1018,7 +1016,8 @@ def trace(config: Optional[UniMedConfig] = None, tokenizer=None, batch=TRACE_BAT
 def print_trace(tokenizer_path: Optional[str] = None) -> None:
     rows = trace(tokenizer=Tokenizer(tokenizer_path) if tokenizer_path else None)
     T = next(r["size"][1] for r in rows if r["stage"] == "logits")
-    counted = f"counted by {tokenizer_path}" if tokenizer_path else "one per word, a stated count (no --tokenizer given)"
+    counted = f"counted by {tokenizer_path}" if tokenizer_path else \
+        "one per word, a stated count (no --tokenizer given)"
     print(f"Uni-Med at full size on the meta device (no weights): one training forward of {len(TRACE_BATCH)} "
           f"vqa samples.\nB = {len(TRACE_BATCH)} samples; T = {T} tokens: <s>, the prompt around "
           f"the image embeddings, the answer and </s>,\nright-padded to the longer row. Text tokens: {counted}.\n"

@@ -596,10 +596,13 @@ def bar_chart(groups: list, series: dict, title: str, ylabel: str, xlabel: str, 
 
 
 def line_chart(series: dict, colours: dict, title: str, xlabel: str, ylabel: str, size: tuple,
-               xlim: tuple, ylim: Optional[tuple] = None, show_legend: bool = True) -> Image.Image:
+               xlim: tuple, ylim: Optional[tuple] = None, show_legend: bool = True,
+               smoothed: bool = True, tapered: bool = False) -> Image.Image:
     """Lines over a shared x axis: series {name: (xs, ys)}, each drawn raw (faint) and smoothed
-    (full colour, `smooth`), with grid, ticks, labelled axes and a legend of the names. Values
-    below 1e-2 or from 1e5 up are written as multiples of a power of ten, named in the y label."""
+    (full colour, `smooth`), or only raw in full colour when not `smoothed` (an exact curve such as
+    the learning rate), with grid, ticks, labelled axes and a legend of the names. `tapered`: each
+    line narrower than the one before, so lines lying on one another all show. Values below 1e-2
+    or from 1e5 up are written as multiples of a power of ten, named in the y label."""
     width, height = size
     legend_w = max(text_size(n, 13)[0] for n in series) + 48 if show_legend and series else 12
     left, top, right, bottom = 74, 34, width - legend_w, height - 44
@@ -625,9 +628,10 @@ def line_chart(series: dict, colours: dict, title: str, xlabel: str, ylabel: str
     draw.rectangle([left, top, right, bottom], outline=BLACK)
     text(img, ((left + right) // 2, height - 6), xlabel, 13, "mb")
     text(img, (10, (top + bottom) // 2), ylabel + (f" (x 1e{power})" if power else ""), 13, "lm", angle=90)
-    for name, (xs, values) in series.items():
-        c = colours[name]
-        for line, fill, w in ((values, tuple(round(255 - 0.35 * (255 - v)) for v in c), 1), (smooth(values), c, 2)):
+    for k, (name, (xs, values)) in enumerate(series.items()):
+        c, width = colours[name], max(2, 10 - 2 * k) if tapered else 2
+        faint = tuple(round(255 - 0.35 * (255 - v)) for v in c)
+        for line, fill, w in ((values, faint, 1), (smooth(values), c, width)) if smoothed else ((values, c, width),):
             points = [(X(x), Y(y)) for x, y in zip(xs, line)]
             if len(points) == 1:
                 draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=fill)
@@ -848,7 +852,7 @@ def training_figure(curves: dict, title: str, width: int = 900) -> Image.Image:
     rows = [line_chart(curves["loss"], TASK_COLOURS, "Training loss per task (thin: logged, thick: smoothed)", x,
                        "cross-entropy per answer token (nats)", (width, 330), xlim),
             stack([line_chart({"lr": curves["lr"]}, {"lr": SERIES_COLOURS[0]}, "Learning rate", x,
-                              "learning rate", (half, 250), xlim, show_legend=False),
+                              "learning rate", (half, 250), xlim, show_legend=False, smoothed=False),
                    line_chart({"norm": curves["grad_norm"]}, {"norm": SERIES_COLOURS[1]},
                               "Gradient norm of the trainable weights", x, "L2 norm", (half, 250), xlim,
                               show_legend=False)], horizontal=True)]
@@ -856,7 +860,7 @@ def training_figure(curves: dict, title: str, width: int = 900) -> Image.Image:
         experts = list(next(iter(curves["routing"].values())))
         colours = {e: SERIES_COLOURS[k % len(SERIES_COLOURS)] for k, e in enumerate(experts)}
         panels = [line_chart(weights, colours, f"{task}: routing weights", x, "mean weight", (third, 240), xlim,
-                             (0.0, 1.0), show_legend=False) for task, weights in curves["routing"].items()]
+                             (0.0, 1.0), show_legend=False, tapered=True) for task, weights in curves["routing"].items()]
         key = Image.new("RGB", (width, 26), WHITE)
         text(key, (8, 13), "experts:", 13, "lm")
         for k, e in enumerate(experts):

@@ -11,8 +11,7 @@ Inputs are token ids or `inputs_embeds` (Uni-Med splices image embeddings into t
 an attention mask for padded batches. Generation takes left-padded batches, keeps a preallocated
 KV cache, decodes greedily or by temperature / top-p sampling and stops each row at its own eos.
 
-Chapter outline: config, layers, Llama, generation, loading and saving, tokenizer, Uni-Med, the
-shape trace, CLI.
+Chapter outline: config, layers, Llama, generation, loading and saving, tokenizer, CLI.
 """
 import argparse
 import contextlib
@@ -619,9 +618,8 @@ class UniMed(nn.Module):
     def autocast(self):
         """Maths in the base dtype (bf16) while the trainable weights stay fp32; off for an fp32 base."""
         weight = self.llama.embed.weight
-        if weight.dtype == torch.float32:
-            return autocast_off(weight.device)
-        return torch.autocast(weight.device.type, dtype=weight.dtype)
+        return autocast_off(weight.device) if weight.dtype == torch.float32 else \
+            torch.autocast(weight.device.type, dtype=weight.dtype)
 
     # ---- the image path ------------------------------------------------------------------------
 
@@ -908,7 +906,7 @@ def print_summary(config: UniMedConfig) -> None:
 
 
 def autocast_off(device: torch.device):
-    """Autocast off inside (an fp32 base; ln_vision). The meta device of the shape trace has none to turn off."""
+    """Autocast off inside (an fp32 base; ln_vision). The meta device (shapes.py) has none to turn off."""
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
@@ -925,114 +923,11 @@ def pad_rows(rows: list[torch.Tensor], left: bool):
 
 
 # -------------------------------------------------------------------------------------------------
-# The shape trace: python model.py --trace
-#
-# The full-size model built on `meta` (no weights, no memory) runs one training forward while hooks
-# record what each stage's module takes in or gives out. README.md's diagram is tested against it.
-
-# One vqa batch with the official VQA training template; answers short as Slake's are.
-TRACE_BATCH = [("[vqa] Based on the image, respond to this question with a short answer: "
-                "is the lesion in the left lung?", "yes"),
-               ("[vqa] which organ is abnormal?", "the liver")]
-
-TRACE = [  # (stage, module, its input or output, paper equation), in the order the data flows
-    ("image", "vit", "in", ""),
-    ("ViT-G/14: CLS + 16x16 patch tokens", "vit", "out", ""),
-    ("ln_vision", "ln_vision", "out", ""),
-    ("CLS dropped", "connector", "in", ""),
-    ("resampler: f_ag (the experts' input)", "connector.experts.0", "in", "Eq. 7"),
-    ("router input [task token, f_ag]", "connector.router", "in", "Eq. 8"),
-    ("router weights w", "connector.router", "out", "Eq. 8, 14"),
-    ("expert E{k}(f_ag)", "connector.experts.{i}", "out", "Eq. 6"),  # a row per expert
-    ("experts mixed: sum_k w_k E_k(f_ag)", "connector", "out", "Eq. 9"),
-    ("prompt embeddings, image spliced in", "llama", "in", ""),
-    ("block 0: attn_norm", "llama.layers.0.attn_norm", "out", ""),
-    *[(f"block 0: {p} + LoRA", f"llama.layers.0.attn.{p}", "out", "") for p in ("q_proj", "k_proj", "v_proj")],
-    ("block 0: attention, heads merged", "llama.layers.0.attn.o_proj", "in", ""),
-    ("block 0: o_proj + LoRA", "llama.layers.0.attn.o_proj", "out", ""),
-    ("block 0: mlp_norm", "llama.layers.0.mlp_norm", "out", ""),
-    *[(f"block 0: {p} + LoRA", f"llama.layers.0.mlp.{p}", "out", "") for p in ("gate_proj", "up_proj",
-                                                                                 "down_proj")],
-    ("block 0 output (and of blocks 1-31)", "llama.layers.0", "out", ""),
-    ("final norm", "llama.norm", "out", ""),
-    ("logits", "llama.lm_head", "out", ""),
-    ("loss (a value needs weights)", "", "out", ""),
-]
-
-
-class WordTokenizer:
-    """Stands in for tokenizer.model when there is none: one token per word, so T is a stated count."""
-    bos_id, eos_id = 1, 2
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + [0] * len(text.split()) + [self.eos_id] * eos
-
-
-def trace(config: Optional[UniMedConfig] = None, tokenizer=None, batch=TRACE_BATCH) -> list[dict]:
-    """One training forward of the full-size Uni-Med (ViT-G, LLaMA-2-7B) on `meta` -> one row per
-    stage of TRACE: {stage, shape ("[B, T, 4096]"), size, dtype, module, eq}, B the batch and T the
-    padded sequence. Stages of modules this configuration lacks are left out."""
-    with torch.device("meta"):
-        model = UniMed(config or UniMedConfig(), Llama(LlamaConfig()), EVAViT(EVAConfig()),
-                       tokenizer or WordTokenizer())
-    modules = dict(model.named_modules())
-    experts = len(modules["connector.experts"]) if "connector.experts" in modules else 0
-    stages = [(stage.format(k=i + 1), name.format(i=i), side, eq) for stage, name, side, eq in TRACE
-              for i in (range(experts) if "{i}" in name else [0])  # the expert row, once per expert
-              if name.format(i=i) in modules]
-    seen, hooks = {}, []
-
-    def keep(stage, values):  # the first tensor a module takes or gives (some give tuples)
-        seen.setdefault(stage, next(v for v in values if torch.is_tensor(v)))
-    for stage, name, side, _ in stages:
-        if side == "in":
-            hooks.append(modules[name].register_forward_pre_hook(
-                lambda m, args, kwargs, s=stage: keep(s, [*args, *kwargs.values()]), with_kwargs=True))
-        else:
-            hooks.append(modules[name].register_forward_hook(
-                lambda m, args, out, s=stage: keep(s, out if isinstance(out, tuple) else [out])))
-    instructions, answers = map(list, zip(*batch))
-    task = instructions[0][1:instructions[0].index("]")]  # instructions start with "[task]"
-    images = torch.empty(len(batch), 3, model.image_size, model.image_size, device="meta")
-    model.train()
-    try:
-        model(images, instructions, answers, task)
-    finally:
-        for h in hooks:
-            h.remove()
-    B, T = len(batch), seen["logits"].shape[1]
-    rows = []
-    for stage, name, side, eq in stages:
-        size = list(seen[stage].shape)
-        dims = ["B" if i == 0 and d == B else "T" if i == 1 and d == T and name.startswith("llama") else str(d)
-                for i, d in enumerate(size)]
-        rows.append({"stage": stage, "shape": f"[{', '.join(dims)}]", "size": size,
-                     "dtype": str(seen[stage].dtype).removeprefix("torch."), "eq": eq,
-                     "module": f"{'into ' if side == 'in' else ''}{name} ({type(modules[name]).__name__})"
-                               if name else "UniMed.forward (cross-entropy)"})
-    return rows
-
-
-def print_trace(tokenizer_path: Optional[str] = None) -> None:
-    rows = trace(tokenizer=Tokenizer(tokenizer_path) if tokenizer_path else None)
-    T = next(r["size"][1] for r in rows if r["stage"] == "logits")
-    counted = f"counted by {tokenizer_path}" if tokenizer_path else \
-        "one per word, a stated count (no --tokenizer given)"
-    print(f"Uni-Med at full size on the meta device (no weights): one training forward of {len(TRACE_BATCH)} "
-          f"vqa samples.\nB = {len(TRACE_BATCH)} samples; T = {T} tokens: <s>, the prompt around "
-          f"the image embeddings, the answer and </s>,\nright-padded to the longer row. Text tokens: {counted}.\n"
-          f"dtype: a float32 base, as on CPU (on CUDA a bf16 base runs under autocast, which meta lacks).\n")
-    print(f"{'stage':<38}{'shape':<19}{'dtype':<9}{'module':<46}eq.")
-    for r in rows:
-        print(f"{r['stage']:<38}{r['shape']:<19}{r['dtype']:<9}{r['module']:<46}{r['eq']}".rstrip())
-
-
-# -------------------------------------------------------------------------------------------------
 # CLI
 
 def main():
     parser = argparse.ArgumentParser(description="Chat with a LLaMA-2 model directory (HF layout), "
-                                     "or print the parameter counts (--summary) or shapes (--trace) of Uni-Med.")
+                                     "or print the parameter counts of Uni-Med (--summary).")
     parser.add_argument("path", nargs="?", help="model directory: config.json, safetensors, tokenizer.model")
     parser.add_argument("prompt", nargs="?", help="user message, wrapped in [INST] ... [/INST]")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -1043,14 +938,9 @@ def main():
                         help="torch.compile the decode step (CUDA graphs on a GPU): same tokens, faster")
     parser.add_argument("--summary", action="store_true",
                         help="build the full-size Uni-Med on the meta device and print parameter counts")
-    parser.add_argument("--trace", action="store_true", help="build the full-size Uni-Med on the meta "
-                        "device and print the shape of every stage of one training forward")
-    parser.add_argument("--tokenizer", help="with --trace: LLaMA-2's tokenizer.model, to count real tokens")
     args = parser.parse_args()
     if args.summary:
         return print_summary(UniMedConfig())
-    if args.trace:
-        return print_trace(args.tokenizer)
     if args.path is None or args.prompt is None:
         parser.error("give a model directory and a prompt, or --summary")
     model = Llama.from_pretrained(args.path, dtype=getattr(torch, args.dtype), device=args.device)

@@ -1,6 +1,6 @@
-"""The assembled Uni-Med: full-size shapes and counts on `meta`, the shape trace against README.md's
-diagram, label masking, which weights learn, every ablation switch, and a tiny model that overfits
-image-text pairs of two tasks."""
+"""The assembled Uni-Med: full-size shapes and counts on `meta`, the shape trace (shapes.py) against
+README.md's diagram, label masking, which weights learn, every ablation switch, and a tiny model that
+overfits image-text pairs of two tasks."""
 import itertools
 import os
 import re
@@ -10,8 +10,8 @@ import sentencepiece as spm
 import torch
 
 from cmoe import ConnectorConfig
-from model import (TRACE, TRACE_BATCH, Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt,
-                   parameter_summary, trace)
+from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt, parameter_summary
+from shapes import TRACE, TRACE_BATCH, trace
 from vision import EVAConfig, EVAViT
 
 WORDS = ("left right upper lower lung liver kidney heart bright dark round square opacity lesion "

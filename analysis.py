@@ -16,6 +16,9 @@ different directions. This file measures that pull and draws the paper's picture
   features    the visual features of a fixed number of samples per task before the connector (the
               resampled ViT tokens) and after it (the LLM input embeddings), each mean-pooled over
               its tokens, embedded in 2-D by exact t-SNE (written here in numpy)
+  curves      a training log (train.py's ckpt.jsonl) as one picture: loss per task, learning rate,
+              gradient norm, and each image task's routing weights over the steps (Figure 4c as it
+              forms); train.py draws it at the end of every run and on `train.py --plot LOG`
 
     python evaluate.py ckpt.pt --analysis OUT_DIR            # one checkpoint
     python analysis.py mlp.pt cmoe.pt --out OUT_DIR          # Figure 4: two checkpoints side by side
@@ -58,7 +61,7 @@ from tqdm import tqdm
 
 import data
 from cmoe import IMAGE_TASKS, resample
-from files import read_json, write_json
+from files import read_json, read_jsonl, write_json
 from lora import lora_layers
 from model import UniMed, checkpoint_data_root, read_checkpoint
 
@@ -456,7 +459,8 @@ def analyse(model, datasets: dict, config: AnalysisConfig, label: str = "model")
 WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (0, 0, 0), (110, 110, 110), (225, 225, 225)
 TASK_COLOURS = {"vqa": (31, 119, 180), "refer": (255, 127, 14), "identify": (44, 160, 44),
                 "caption": (214, 39, 40), "cls": (148, 103, 189), "qa": (140, 86, 75)}
-SERIES_COLOURS = [(76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179)]
+SERIES_COLOURS = [(76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179),  # seaborn deep
+                  (147, 120, 96), (218, 139, 195), (140, 140, 140), (204, 185, 116), (100, 181, 205)]
 DIVERGING = [(33, 102, 172), (103, 169, 207), (247, 247, 247), (239, 138, 98), (178, 24, 43)]  # blue-white-red
 VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
 
@@ -588,6 +592,66 @@ def bar_chart(groups: list, series: dict, title: str, ylabel: str, xlabel: str, 
         draw.rectangle([left + plot_w + 16, y, left + plot_w + 30, y + 14], fill=swatch)
         text(img, (left + plot_w + 36, y + 7), label, 13, "lm")
     return img
+
+
+def line_chart(series: dict, colours: dict, title: str, xlabel: str, ylabel: str, size: tuple,
+               xlim: tuple, ylim: Optional[tuple] = None, show_legend: bool = True,
+               smoothed: bool = True, tapered: bool = False) -> Image.Image:
+    """Lines over a shared x axis: series {name: (xs, ys)}, each drawn raw (faint) and smoothed
+    (full colour, `smooth`), or only raw in full colour when not `smoothed` (an exact curve such as
+    the learning rate), with grid, ticks, labelled axes and a legend of the names. `tapered`: each
+    line narrower than the one before, so lines lying on one another all show. Values below 1e-2
+    or from 1e5 up are written as multiples of a power of ten, named in the y label."""
+    width, height = size
+    legend_w = max(text_size(n, 13)[0] for n in series) + 48 if show_legend and series else 12
+    left, top, right, bottom = 74, 34, width - legend_w, height - 44
+    img = Image.new("RGB", size, WHITE)
+    draw = ImageDraw.Draw(img)
+    text(img, (width // 2, 16), title, 15)
+    ys = [y for _, values in series.values() for y in values]
+    lo, hi = ylim or (min(ys, default=0.0), max(ys, default=1.0))
+    if hi - lo <= 1e-12 * max(abs(hi), 1e-30):  # a flat line still needs a y range
+        lo, hi = lo - (abs(lo) or 1) * 0.1, hi + (abs(hi) or 1) * 0.1
+    yticks, xticks = nice_ticks(lo, hi, 4), nice_ticks(*xlim, 6)
+    (lo, hi), (x0, x1) = (yticks[0], yticks[-1]), (xticks[0], xticks[-1])
+    top_value = max(abs(lo), abs(hi))
+    power = math.floor(math.log10(top_value)) if top_value and not 1e-2 <= top_value < 1e5 else 0
+    X = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
+    Y = lambda y: bottom - (y - lo) / (hi - lo) * (bottom - top)
+    for v in yticks:
+        draw.line([(left, Y(v)), (right, Y(v))], fill=LIGHT)
+        text(img, (left - 6, Y(v)), tick_label(v / 10 ** power, (yticks[1] - yticks[0]) / 10 ** power), 12, "rm")
+    for v in xticks:
+        draw.line([(X(v), top), (X(v), bottom)], fill=LIGHT)
+        text(img, (X(v), bottom + 5), tick_label(v, xticks[1] - xticks[0]), 12, "mt")
+    draw.rectangle([left, top, right, bottom], outline=BLACK)
+    text(img, ((left + right) // 2, height - 6), xlabel, 13, "mb")
+    text(img, (10, (top + bottom) // 2), ylabel + (f" (x 1e{power})" if power else ""), 13, "lm", angle=90)
+    for k, (name, (xs, values)) in enumerate(series.items()):
+        c, width = colours[name], max(2, 10 - 2 * k) if tapered else 2
+        faint = tuple(round(255 - 0.35 * (255 - v)) for v in c)
+        for line, fill, w in ((values, faint, 1), (smooth(values), c, width)) if smoothed else ((values, c, width),):
+            points = [(X(x), Y(y)) for x, y in zip(xs, line)]
+            if len(points) == 1:
+                draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=fill)
+            else:
+                draw.line(points, fill=fill, width=w, joint="curve")
+    for k, name in enumerate(series if show_legend else []):
+        y = top + 10 + 20 * k
+        draw.line([(right + 12, y), (right + 32, y)], fill=colours[name], width=3)
+        text(img, (right + 38, y), name, 13, "lm")
+    return img
+
+
+def smooth(values: list) -> list:
+    """An exponential moving average over about a fifteenth of the points, debiased at the start
+    (as TensorBoard's smoothing); fewer than 30 points stay as they are."""
+    weight = 1 - 2 / (max(1, len(values) // 15) + 1)
+    out, average = [], 0.0
+    for k, v in enumerate(values, 1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight ** k))
+    return out
 
 
 def tick_label(v: float, step: float) -> str:
@@ -733,6 +797,80 @@ def figure5(runs: list) -> Image.Image:
     tasks = [t for t in TASKS if any(t in r["tsne"]["tasks"] for r in runs)]
     return stack([stack(rows, horizontal=False), legend(tasks)], horizontal=True,
                  title="t-SNE of visual features, mean-pooled over tokens (Figure 5)")
+
+
+# -------------------------------------------------------------------------------------------------
+# Training curves: train.py's JSONL log as one picture (python train.py --plot ckpt.jsonl)
+
+def training_records(path: str) -> list:
+    """The records of a training log, one per step in step order. A run resumed from a checkpoint
+    older than its log logs some steps again; the later record of a step wins, so the curves of a
+    resumed run are one continuous line."""
+    by_step = {}
+    for n, record in read_jsonl(path, "training log"):
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise ValueError(f"{path}, row {n}: a record needs an integer 'step'")
+        for key in ("task_loss", "routing"):
+            unknown = set(record.get(key, {})) - set(TASKS)
+            if unknown:
+                raise ValueError(f"{path}, row {n}: '{key}' names unknown tasks {sorted(unknown)}")
+        by_step[record["step"]] = record
+    if not by_step:
+        raise ValueError(f"{path}: no records")
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def training_series(records: list) -> dict:
+    """The curves of a log: loss per task, learning rate, gradient norm, and each image task's mean
+    routing weight per expert, each as (steps, values) over the records that have it."""
+    def series(pick) -> tuple:
+        pairs = [(r["step"], float(v)) for r in records for v in [pick(r)] if v is not None]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+    routed = {t: len(r["routing"][t]) for r in records for t in r.get("routing", {})}
+    return {"loss": {t: series(lambda r: r.get("task_loss", {}).get(t)) for t in TASKS
+                     if any(t in r.get("task_loss", {}) for r in records)},
+            "lr": series(lambda r: r.get("lr")), "grad_norm": series(lambda r: r.get("grad_norm")),
+            "routing": {t: {f"E{k + 1}": series(lambda r: r.get("routing", {}).get(t, [None] * routed[t])[k])
+                            for k in range(routed[t])} for t in TASKS if t in routed}}
+
+
+def training_figure(curves: dict, title: str, width: int = 900) -> Image.Image:
+    """Loss per task; learning rate and gradient norm; the routing weights of each image task's
+    experts over the steps (how the router specialises; Figure 4c shows two snapshots of it)."""
+    steps = [s for xs, _ in [curves["lr"], curves["grad_norm"], *curves["loss"].values()] for s in xs]
+    xlim = (min(steps), max(steps) + (min(steps) == max(steps)))
+    half, third = (width - 12) // 2, (width - 24) // 3
+    x = "optimizer step"
+    rows = [line_chart(curves["loss"], TASK_COLOURS, "Training loss per task (thin: logged, thick: smoothed)", x,
+                       "cross-entropy per answer token (nats)", (width, 330), xlim),
+            stack([line_chart({"lr": curves["lr"]}, {"lr": SERIES_COLOURS[0]}, "Learning rate", x,
+                              "learning rate", (half, 250), xlim, show_legend=False, smoothed=False),
+                   line_chart({"norm": curves["grad_norm"]}, {"norm": SERIES_COLOURS[1]},
+                              "Gradient norm of the trainable weights", x, "L2 norm", (half, 250), xlim,
+                              show_legend=False)], horizontal=True)]
+    if curves["routing"]:
+        experts = list(next(iter(curves["routing"].values())))
+        colours = {e: SERIES_COLOURS[k % len(SERIES_COLOURS)] for k, e in enumerate(experts)}
+        panels = [line_chart(weights, colours, f"{task}: routing weights", x, "mean weight", (third, 240), xlim,
+                             (0.0, 1.0), show_legend=False, tapered=True) for task, weights in curves["routing"].items()]
+        key = Image.new("RGB", (width, 26), WHITE)
+        text(key, (8, 13), "experts:", 13, "lm")
+        for k, e in enumerate(experts):
+            ImageDraw.Draw(key).line([(80 + 64 * k, 13), (100 + 64 * k, 13)], fill=colours[e], width=3)
+            text(key, (106 + 64 * k, 13), e, 13, "lm")
+        rows.append(stack([key] + [stack(panels[i:i + 3], horizontal=True) for i in range(0, len(panels), 3)],
+                          horizontal=False, title="Mean routing weight of each connector expert, per task"))
+    return stack(rows, horizontal=False, title=title)
+
+
+def plot_training(log_path: str, png_path: Optional[str] = None) -> tuple[str, dict]:
+    """Draw a training log (default PNG: the log's path with .png) -> (PNG path, the curves drawn)."""
+    records = training_records(log_path)
+    curves = training_series(records)
+    png_path = png_path or os.path.splitext(log_path)[0] + ".png"
+    title = f"Training curves of {os.path.basename(log_path)}: steps {records[0]['step']}-{records[-1]['step']}"
+    save_png(training_figure(curves, title), png_path)
+    return png_path, curves
 
 
 def save_png(img: Image.Image, path: str) -> None:

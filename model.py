@@ -14,6 +14,7 @@ KV cache, decodes greedily or by temperature / top-p sampling and stops each row
 Chapter outline: config, layers, Llama, generation, loading and saving, tokenizer, CLI.
 """
 import argparse
+import contextlib
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -617,7 +618,8 @@ class UniMed(nn.Module):
     def autocast(self):
         """Maths in the base dtype (bf16) while the trainable weights stay fp32; off for an fp32 base."""
         weight = self.llama.embed.weight
-        return torch.autocast(weight.device.type, dtype=weight.dtype, enabled=weight.dtype != torch.float32)
+        return autocast_off(weight.device) if weight.dtype == torch.float32 else \
+            torch.autocast(weight.device.type, dtype=weight.dtype)
 
     # ---- the image path ------------------------------------------------------------------------
 
@@ -625,7 +627,7 @@ class UniMed(nn.Module):
     def vision_features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen ViT -> ln_vision -> drop CLS: [B, 3, H, W] -> [B, N_patches, vit_width] in fp32."""
         features = self.vit(images.to(self.vit.pos_embed.dtype))        # [B, 1 + 256, 1408]
-        with torch.autocast(features.device.type, enabled=False):
+        with autocast_off(features.device):
             features = self.ln_vision(features.float())
         return features[:, 1:]                                           # [B, 256, 1408]
 
@@ -901,6 +903,11 @@ def print_summary(config: UniMedConfig) -> None:
     for name, (trainable, frozen) in rows.items():
         print(f"{name:<20}{trainable:>16,}{frozen:>16,}")
     print(f"{'total':<20}{sum(t for t, _ in rows.values()):>16,}{sum(f for _, f in rows.values()):>16,}")
+
+
+def autocast_off(device: torch.device):
+    """Autocast off inside (an fp32 base; ln_vision). The meta device (shapes.py) has none to turn off."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def pad_rows(rows: list[torch.Tensor], left: bool):

@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import data
+from analysis import plot_training
 from files import read_json, read_log, save_torch, write_jsonl
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
 from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt, read_checkpoint, save_pretrained
@@ -117,6 +118,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
                    help="check every training row (its image's header, its box) before the first step, "
                         "and stop on any problem (default on; --no-check-data skips it)")
     g.add_argument("--log-every", type=int, help="steps between JSONL log lines (default 10)")
+    g.add_argument("--plot", metavar="LOG", help="only draw the curves of a log (ckpt.jsonl -> ckpt.png); "
+                   "every run draws its own at the end")
     g.add_argument("--save-every", type=int, help="steps between checkpoints (default 1000; 0: at the end only)")
     g.add_argument("--device", help="cuda, cpu, cuda:1 ... (default cuda if available)")
     g.add_argument("--dtype", choices=("bf16", "fp32"), help="frozen base weights and autocast "
@@ -142,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume:
         given = vars(build_parser(suppress=True).parse_args(argv))
         saved = read_resume(args.resume)["config"]["args"]
-        args = argparse.Namespace(**{**saved, **given})
+        args = argparse.Namespace(**{**vars(args), **saved, **given})  # flags newer than the checkpoint: defaults
     paths = {"--llama": args.llama, "--vit": args.vit, "--data-root": args.data_root}
     if any(paths.values()) and not all(paths.values()) and not args.dry_run:
         missing = " ".join(k for k, v in paths.items() if not v)
@@ -382,6 +385,8 @@ def main(argv=None, stop_at=None) -> dict:
     checkpoint, as Ctrl-C does (the tests use it to compare a resumed run with a straight one)."""
     try:
         args = parse_args(argv)
+        if args.plot:
+            return print(f"curves: {plot_training(args.plot)[0]}")
         if args.dry_run:
             return dry_run(args)
         run = setup(args)
@@ -393,6 +398,11 @@ def main(argv=None, stop_at=None) -> dict:
             dist.destroy_process_group()
     if run.main_rank and run.step == args.iters:
         print(f"done: {run.step} steps; checkpoint {args.out}, log {log_path(args)}")
+    if run.main_rank and os.path.getsize(log_path(args)):  # the curves beside the checkpoint: ckpt.png
+        try:
+            print(f"curves: {plot_training(log_path(args))[0]}")
+        except ValueError as e:  # a log damaged by an earlier crash: the run itself is saved
+            print(f"train.py: no curves drawn: {e}")
     return last
 
 
@@ -446,7 +456,7 @@ def setup(args) -> Run:
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     config = {"unimed": model.config.to_dict(), "vit": asdict(vit_config), "llama_dir": llama_dir,
               "vit_path": vit_path, "data_root": data_root, "demo": args.demo,
-              "args": {k: v for k, v in vars(args).items() if k not in ("resume", "demo")}}
+              "args": {k: v for k, v in vars(args).items() if k not in ("resume", "demo", "plot")}}
     run = Run(args, rank, world, device, model, net, optimizer, scheduler, mixture, config)
     if args.resume:
         ckpt = read_resume(args.resume)

@@ -1,5 +1,5 @@
-"""train.py end to end on a tiny demo: learning, checkpoints, exact resume, atomic saves, NaN stop,
-DDP on gloo, and one step of every Table 2 ablation.
+"""train.py end to end on a tiny demo: learning, checkpoints, the curves picture, exact resume, atomic
+saves, NaN stop, DDP on gloo, and one step of every Table 2 ablation.
 
 One tiny demo (data.make_demo, a tiny EVA, a briefly pre-trained tiny LLaMA) is built once for the
 module; every test trains from it on CPU in fp32 and writes into its own tmp_path.
@@ -12,7 +12,9 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
+import analysis
 import data
 import files
 import train
@@ -65,8 +67,8 @@ def assert_same_weights(a: dict, b: dict, atol=0.0):
             f"{name}: max diff {(a[name] - b[name]).abs().max().item():.3g}"
 
 
-def test_demo_run_learns_and_writes_a_checkpoint(run):
-    ckpt, log, _ = run("--iters", "50", "--lr", "2e-2")
+def test_demo_run_learns_and_writes_a_checkpoint(run, tmp_path):
+    ckpt, log, path = run("--iters", "50", "--lr", "2e-2")
     assert ckpt["format"] == "unimed-ckpt" and ckpt["step"] == 50
     assert {"config", "model", "optimizer", "scheduler", "sampler", "rng"} <= set(ckpt)
     assert ckpt["config"]["demo"] is True and ckpt["config"]["args"]["iters"] == 50
@@ -84,6 +86,24 @@ def test_demo_run_learns_and_writes_a_checkpoint(run):
     assert {"step", "loss", "task_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb", "routing"} <= set(log[-1])
     routed = [w for r in log for w in r["routing"].values()]
     assert routed and all(len(w) == 5 and abs(sum(w) - 1) < 1e-3 for w in routed)
+    # the run drew its curves beside the checkpoint: one loss curve per task of the log, every step once
+    with Image.open(path[:-3] + ".png") as img:
+        assert img.format == "PNG" and img.width == 900
+    _, curves = analysis.plot_training(path[:-3] + ".jsonl", str(tmp_path / "again.png"))
+    assert set(curves["loss"]) == {t for r in log for t in r["task_loss"]}
+    assert set(curves["routing"]) == {t for r in log for t in r["routing"]}
+    assert all(steps == sorted(set(steps)) for steps, _ in curves["loss"].values())
+
+
+def test_plot_flag_draws_a_log_and_names_a_bad_one(tmp_path, capsys):
+    log = tmp_path / "run.jsonl"
+    log.write_text(json.dumps({"step": 10, "task_loss": {"vqa": 1.0}, "lr": 1e-3, "grad_norm": 1.0,
+                               "routing": {"vqa": [0.5, 0.5]}}) + "\n")
+    train.main(["--plot", str(log)])
+    assert (tmp_path / "run.png").exists() and f"curves: {tmp_path / 'run.png'}" in capsys.readouterr().out
+    log.write_text(json.dumps({"step": 10, "task_loss": {"xray": 1.0}}) + "\n")
+    with pytest.raises(SystemExit, match="run.jsonl, row 0: 'task_loss' names unknown tasks"):
+        train.main(["--plot", str(log)])
 
 
 def test_resume_is_exact_and_its_log_has_no_repeated_steps(run, tmp_path):

@@ -1,6 +1,9 @@
-"""The assembled Uni-Med: full-size shapes and counts on `meta`, label masking, which weights learn,
-every ablation switch, and a tiny model that overfits image-text pairs of two tasks."""
+"""The assembled Uni-Med: full-size shapes and counts on `meta`, the shape trace (shapes.py) against
+README.md's diagram, label masking, which weights learn, every ablation switch, and a tiny model that
+overfits image-text pairs of two tasks."""
 import itertools
+import os
+import re
 
 import pytest
 import sentencepiece as spm
@@ -8,6 +11,7 @@ import torch
 
 from cmoe import ConnectorConfig
 from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt, parameter_summary
+from shapes import TRACE, TRACE_BATCH, trace
 from vision import EVAConfig, EVAViT
 
 WORDS = ("left right upper lower lung liver kidney heart bright dark round square opacity lesion "
@@ -54,6 +58,35 @@ def test_full_size_on_meta_matches_the_spec():
     assert counts["LoRA"] == (19_988_480, 0)
     assert counts["LLaMA base"] == (0, 6_738_415_616)
     assert counts["EVA ViT"] == (0, 985_894_528)
+
+
+SHAPE = re.compile(r"\[(?:[BT]|\d+)(?:, (?:[BT]|\d+))*\]|\[\]")  # [B, 64, 5632], [B, T, 4096], []
+
+
+def test_readme_diagram_lists_the_shapes_of_the_trace():
+    rows = trace()  # full size on meta, words as tokens: no files needed
+    assert len(rows) == len(TRACE) - 1 + 5  # every stage, the expert row once per expert
+    assert all(r["size"][0] == len(TRACE_BATCH) for r in rows[:-1]) and rows[-1]["size"] == []
+    assert {"Eq. 6", "Eq. 7", "Eq. 8", "Eq. 8, 14", "Eq. 9"} <= {r["eq"] for r in rows}
+    shapes = [r["shape"] for r in rows]
+    flow = [s for i, s in enumerate(shapes) if i == 0 or s != shapes[i - 1]]  # repeats in a row: one line
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    diagram = re.search(r"```\n(.*?)```", readme, re.S).group(1)  # the first fenced block
+    assert SHAPE.findall(diagram) == flow
+
+
+def test_trace_follows_the_config_and_counts_real_tokens(tokenizer):
+    config = UniMedConfig(connector=ConnectorConfig(resampler="avgpool", experts=3))
+    rows = {r["stage"]: r for r in trace(config, tokenizer=tokenizer)}
+    assert rows["resampler: f_ag (the experts' input)"]["shape"] == "[B, 64, 1408]"
+    assert rows["router weights w"]["shape"] == "[B, 64, 3]"
+    assert [s for s in rows if s.startswith("expert E")] == [f"expert E{k}(f_ag)" for k in (1, 2, 3)]
+    lengths = []  # <s>, the text on each side of the 64 image embeddings, the answer and </s>
+    for instruction, answer in TRACE_BATCH:
+        before, after = build_prompt(instruction, True, train=True).split("<ImageHere>")
+        lengths.append(1 + len(tokenizer.encode(before, bos=False)) + 64 + len(tokenizer.encode(after, bos=False))
+                       + len(tokenizer.encode(answer, bos=False, eos=True)))
+    assert rows["logits"]["size"] == [len(TRACE_BATCH), max(lengths), 32000]
 
 
 def test_prompts_follow_the_official_format():

@@ -252,18 +252,21 @@ class Llama(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
-    def decode_step(self, x, positions, slot, key_mask, cache: KVCache):
-        """Logits [B, vocab] of one new token per row, x [B, 1, dim], attending over the whole cache.
+    def decode_step(self, token, slot, key_mask, cache: KVCache, temperature: float, top_p: float):
+        """The next token [B] after `token` [B], whose keys go to cache slot `slot` [1], and its logits [B, vocab].
 
-        positions [B, 1], slot [1] (where its keys go) and key_mask [B, max_len] (False on prompt padding)
-        are device tensors; slots after `slot` are masked. Same shapes at every step, no host sync: the
-        function torch.compile captures whole (with CUDA graphs on a GPU)."""
+        key_mask [B, max_len] is False on prompt padding; slots after `slot` are masked too. Device tensors
+        in, the same shapes at every step, no host sync: torch.compile captures the whole step, embedding
+        and sampling included (as one CUDA graph on a GPU)."""
         slots = torch.arange(key_mask.shape[1], device=key_mask.device)
         mask = (key_mask & (slots <= slot))[:, None, None, :]  # [B, 1, 1, max_len]
+        positions = slot - (~key_mask).sum(-1, keepdim=True)   # [B, 1]: padding has no position
+        x = self.embed(token)[:, None]                         # [B, 1, dim]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, slot)
-        return self.lm_head(self.norm(x[:, -1]))
+        logits = self.lm_head(self.norm(x[:, -1]))
+        return sample(logits.float(), temperature, top_p), logits
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "Llama":
@@ -324,29 +327,26 @@ class Llama(nn.Module):
         if attention_mask is not None:
             key_mask[:, :T] = attention_mask.bool()
         logits = self(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]
-        positions = key_mask[:, :T].sum(-1, keepdim=True)  # [B, 1]: position of the first new token
-        slot = torch.full((1,), T, device=device)          # its slot in the cache
+        out = torch.zeros(max_new_tokens, B, dtype=torch.long, device=device)  # step-major: out[step] is contiguous
+        out[0] = sample(logits.float(), temperature, top_p)
+        slot = torch.full((1,), T, device=device)  # the cache slot of the first new token
         x = inputs_embeds
-        out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            token = sample(logits.float(), temperature, top_p).masked_fill(done, eos_id)  # [B]
-            out[:, step] = token
-            done |= token == eos_id
-            # The one host sync per token: stopping when every row is done. With CUDA graphs it idles
-            # the GPU only while the next step is launched, a few percent of a 7B step.
-            if step == max_new_tokens - 1 or done.all():
+        for step in range(1, max_new_tokens):
+            # Stop once every row has its eos (rows go on past theirs meanwhile: the tail is cut below).
+            # Asking is a host sync, which idles a GPU while Python prepares the next step, so only
+            # every 8 tokens, and only if eos can occur.
+            if eos_id >= 0 and step % 8 == 0 and (out[:step] == eos_id).any(0).all():
                 break
-            new = self.embed(token)[:, None]  # [B, 1, dim]
             if use_cache:
                 if compile:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
-                logits = step_fn(new, positions + step, slot + step, key_mask, cache)
+                    torch.compiler.cudagraph_mark_step_begin()  # this step overwrites the last one's outputs
+                out[step], _ = step_fn(out[step - 1], slot + (step - 1), key_mask, cache, temperature, top_p)
             else:
-                x = torch.cat([x, new], dim=1)
-                mask = None if attention_mask is None else key_mask[:, :T + step + 1]
+                x = torch.cat([x, self.embed(out[step - 1])[:, None]], dim=1)
+                mask = None if attention_mask is None else key_mask[:, :T + step]
                 logits = self(inputs_embeds=x, attention_mask=mask, last_only=True)[:, -1]
-        return [row[:row.index(eos_id)] if eos_id in row else row for row in out[:, :step + 1].tolist()]
+                out[step] = sample(logits.float(), temperature, top_p)
+        return [row[:row.index(eos_id)] if eos_id in row else row for row in out.T.tolist()]
 
     def kv_cache(self, batch: int, length: int, device, dtype, compile: bool) -> KVCache:
         """A cache of at least `length` slots (rounded up to 256: few shapes to compile for), kept for the
@@ -362,13 +362,17 @@ class Llama(nn.Module):
         return self.cache
 
     def decode_function(self, compile: bool):
-        """decode_step, or its compiled form (made once: compiling a 7B step takes a minute)."""
+        """decode_step, or its compiled form (made once: compiling a 7B step takes a minute).
+
+        Inductor fuses a chain of bf16 ops into one kernel that computes in fp32 throughout; eager
+        rounds to bf16 after each op. emulate_precision_casts rounds where eager does, so that the
+        compiled step gives eager's tokens rather than drifting at the first near-tie."""
         if not compile:
             return self.decode_step
         if self.compiled_decode_step is None:
             cuda = self.embed.weight.device.type == "cuda"
-            self.compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False,
-                                                      mode="reduce-overhead" if cuda else None)
+            self.compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, options={
+                "triton.cudagraphs": cuda, "emulate_precision_casts": True})  # cudagraphs: mode reduce-overhead
         return self.compiled_decode_step
 
 
@@ -380,7 +384,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # keep the smallest prefix whose mass reaches top_p (the first token always survives)
     sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
-    choice = torch.multinomial(sorted_probs, 1)  # multinomial renormalises
+    # a draw in proportion to the kept mass: the largest p_i / E_i, E_i ~ Exp(1), wins with probability
+    # p_i / sum p (torch.multinomial would be a host sync on a GPU, and breaks the compiled graph)
+    choice = (sorted_probs / torch.empty_like(sorted_probs).exponential_()).argmax(-1, keepdim=True)
     return order.gather(-1, choice)[:, 0]
 
 

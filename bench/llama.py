@@ -2,8 +2,10 @@
 
 Default: a ~106M-parameter LLaMA (dim 768, 8 layers, 12 heads, MLP 2048, vocab 32000) on CPU in
 fp32. Prefill = the time of generate(max_new_tokens=1) on a 128-token prompt; decode = the extra
-time per token of generate(max_new_tokens=N) over that, with the KV cache, at batch 1 and 8.
-Both libraries decode greedily with eos disabled, so they produce the same number of tokens.
+time per token of generate(max_new_tokens=N) over that, with the KV cache, at batch 1 and 8, for
+ours eager, ours with the decode step compiled (generate(compile=True); its first call compiles,
+and is reported) and transformers. All decode greedily with eos disabled, so they produce the same
+number of tokens, and the tokens are compared.
 
     python bench/llama.py [--threads 1]   # on a busy machine one thread gives steadier figures
     python bench/llama.py --device cuda --size 7b   # bf16 random 7B, decode vs the bandwidth bound
@@ -66,8 +68,8 @@ def hf_copy(model, config):
     return hf
 
 
-def ours_generate(model, prompts, new):
-    return lambda: model.generate(prompts.tolist(), max_new_tokens=new, eos_id=-1)
+def ours_generate(model, prompts, new, compile=False):
+    return lambda: model.generate(prompts.tolist(), max_new_tokens=new, eos_id=-1, compile=compile)
 
 
 def hf_generate(hf, prompts, new):
@@ -88,18 +90,29 @@ def bench_cpu(args):
     hf = hf_copy(model, config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"LLaMA {args.size}: {n_params / 1e6:.1f}M params, fp32, CPU, {torch.get_num_threads()} threads")
-    print(f"{'':28s}{'ours':>12s}{'transformers':>14s}{'ratio':>8s}")
     torch.manual_seed(0)
+    rows = []
     for batch in (1, 8):
         prompts = torch.randint(3, config.vocab_size, (batch, args.prompt))
+        start = time.perf_counter()
+        compiled_tokens = ours_generate(model, prompts, args.new, compile=True)()
+        print(f"batch {batch}: first compiled call (compiles) {time.perf_counter() - start:.1f} s")
+        with torch.no_grad():
+            hf_tokens = hf_generate(hf, prompts, args.new)()[:, args.prompt:].tolist()
+        same = compiled_tokens == ours_generate(model, prompts, args.new)() == hf_tokens
         fns = {"ours 1": ours_generate(model, prompts, 1), "ours n": ours_generate(model, prompts, args.new),
+               "compiled 1": ours_generate(model, prompts, 1, compile=True),
+               "compiled n": ours_generate(model, prompts, args.new, compile=True),
                "hf 1": hf_generate(hf, prompts, 1), "hf n": hf_generate(hf, prompts, args.new)}
         with torch.no_grad():
             t = timed(fns, "cpu", args.repeats)
-        ours = rates(t["ours 1"], t["ours n"], prompts, args.new)
-        ref = rates(t["hf 1"], t["hf n"], prompts, args.new)
-        for what, a, b in (("prefill", ours[0], ref[0]), ("decode", ours[1], ref[1])):
-            print(f"{what + f' tokens/s, batch {batch}':28s}{a:12.1f}{b:14.1f}{a / b:8.2f}")
+        r = {name: rates(t[f"{name} 1"], t[f"{name} n"], prompts, args.new) for name in ("ours", "compiled", "hf")}
+        rows += [(f"prefill tokens/s, batch {batch}", *(r[n][0] for n in ("ours", "compiled", "hf"))),
+                 (f"decode tokens/s, batch {batch}", *(r[n][1] for n in ("ours", "compiled", "hf")))]
+        print(f"batch {batch}: the same {args.new} tokens from ours eager, ours compiled and transformers: {same}")
+    print(f"{'':28s}{'ours':>10s}{'compiled':>10s}{'transformers':>14s}{'ours/tf':>9s}{'compiled/tf':>13s}")
+    for what, a, c, b in rows:
+        print(f"{what:28s}{a:10.1f}{c:10.1f}{b:14.1f}{a / b:9.2f}{c / b:13.2f}")
 
 
 def bench_gpu(args):

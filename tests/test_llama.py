@@ -4,6 +4,7 @@ Tiny random models with odd sizes (dim 96, 6 query heads sharing 2 kv heads, MLP
 are written by transformers in its sharded on-disk format and loaded by us, and the other way
 round; the full 7B shape is checked on the meta device against the official key list.
 """
+import copy
 import json
 import os
 import re
@@ -136,6 +137,7 @@ def test_greedy_generation_matches_hf(pair):
 
     free = hf_generate(eos_id=None)
     assert ours.generate(prompts, max_new_tokens=12, eos_id=-1) == free
+    assert ours.generate(prompts, max_new_tokens=1, eos_id=-1) == [row[:1] for row in free]
     assert ours.generate(prompts, max_new_tokens=12, eos_id=-1, use_cache=False) == free
     # a token that row 0 emits mid-way becomes eos: rows must stop at it, each on its own
     eos = free[0][4]
@@ -171,9 +173,25 @@ def test_compiled_decoding_gives_the_eager_tokens(pair, backend):
     try:
         assert ours.generate(prompts, max_new_tokens=10, eos_id=-1, compile=True) == eager
         assert ours.generate(prompts, max_new_tokens=10, eos_id=eos, compile=True) == stopped
+        # sampling is inside the compiled step too: it must trace without a graph break (fullgraph)
+        sampled = ours.generate(prompts, max_new_tokens=10, eos_id=-1, temperature=0.8, top_p=0.9, compile=True)
+        assert [len(row) for row in sampled] == [10] * 3 and all(0 <= t < 300 for row in sampled for t in row)
     finally:
         ours.compiled_decode_step = None
     assert len(stopped[1]) == eager[1].index(eos) < 10  # the eos case stops a row early
+
+
+@pytest.mark.slow
+def test_compiled_bf16_decoding_keeps_eager_roundings(pair):
+    """In bf16, inductor would run a fused chain of ops (RMSNorm, RoPE, SwiGLU) in fp32 where eager rounds
+    to bf16 after each op; generate compiles with emulate_precision_casts, which keeps eager's roundings.
+    Without it these greedy tokens part from eager's before the 64th (checked when this test was written)."""
+    _, ours = pair
+    model = copy.deepcopy(ours).to(torch.bfloat16)
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (7, 2, 5)]
+    eager = model.generate(prompts, max_new_tokens=64, eos_id=-1)
+    assert model.generate(prompts, max_new_tokens=64, eos_id=-1, compile=True) == eager
 
 
 def test_top_p_sampling_matches_hf_filter():

@@ -290,16 +290,9 @@ class Llama(nn.Module):
         """New token ids (eos excluded) for each prompt, decoded as one left-padded batch."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("Llama.generate: every prompt needs at least one token")
-        T = max(len(p) for p in prompts)
         device = self.embed.weight.device
-        tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)  # pad id 0: masked, never seen
-        mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
-            tokens[row, T - len(prompt):] = torch.tensor(prompt, device=device)
-            mask[row, T - len(prompt):] = True
-        padded = any(len(p) < T for p in prompts)
-        return self.generate_from_embeds(self.embed(tokens), mask if padded else None, max_new_tokens, temperature,
-                                         top_p, eos_id, use_cache, compile)
+        embeds, mask = pad_rows([self.embed(torch.tensor(p, device=device)) for p in prompts], left=True)
+        return self.generate_from_embeds(embeds, mask, max_new_tokens, temperature, top_p, eos_id, use_cache, compile)
 
     @torch.no_grad()
     def generate_from_embeds(self, inputs_embeds, attention_mask=None, max_new_tokens: int = 100,

@@ -3,6 +3,7 @@
     python bench/llama7b.py              # writes ~13.5 GB of random weights to a temporary directory,
                                          # measures both, removes the directory; ~15 min on 2 cores
     python bench/llama7b.py --dir DIR    # reuse (or write once into) DIR, which is kept
+    python bench/llama7b.py --threads 1  # on a busy machine: no thread waits for a descheduled sibling
 
 The weights are random bf16 in the official HF layout of Llama-2-7b-hf: two safetensors shards, their
 index and config.json. Each model is measured in its own child process (two 7B models do not fit
@@ -13,7 +14,9 @@ beside each other in 24 GiB), the same steps in the same order:
      alone misleads. Page faults and resident memory are recorded around each step.
   3. a warm-up call, then greedy decoding of 16 tokens at batch 1 with the KV cache: tokens/s from the
      extra time of 17 new tokens over 1, and the tokens themselves (they must be the same).
-Peak resident memory is the child's VmHWM (the goal: at most 1.1 x the bytes of the weights).
+Peak resident memory is the child's VmHWM (the goal: at most 1.1 x the bytes of the weights). Each
+step also records its CPU seconds (user + system) and the load average: on a shared machine the
+wall time of the same step varies twofold with the other jobs, the CPU time much less.
 """
 import argparse
 import json
@@ -112,17 +115,22 @@ def memory() -> dict:
 
 
 def measured(fn) -> tuple:
-    """fn's result, and its seconds, page faults (minor, major) and the resident memory after it."""
+    """fn's result, and its wall and CPU seconds, page faults (minor, major), the load average and the
+    resident memory after it."""
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return result, {"seconds": seconds, "minor_faults": after.ru_minflt - before.ru_minflt,
-                    "major_faults": after.ru_majflt - before.ru_majflt, **memory()}
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return result, {"seconds": seconds, "cpu_seconds": cpu, "system_seconds": after.ru_stime - before.ru_stime,
+                    "minor_faults": after.ru_minflt - before.ru_minflt,
+                    "major_faults": after.ru_majflt - before.ru_majflt, "load": os.getloadavg()[0], **memory()}
 
 
-def child(which: str, path: str) -> dict:
+def child(which: str, path: str, threads: int) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     prompt = torch.randint(3, 32000, (1, PROMPT))
     if which == "ours":
@@ -144,9 +152,9 @@ def child(which: str, path: str) -> dict:
             "decode_rate": (NEW - 1) / (many["seconds"] - one["seconds"]), "peak": memory()["VmHWM"]}
 
 
-def run_child(which: str, path: str) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", which, "--dir", path],
-                         capture_output=True, text=True)
+def run_child(which: str, path: str, threads: int) -> dict:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", which, "--dir", path,
+                          "--threads", str(threads)], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"bench/llama7b.py: the {which} child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -160,18 +168,26 @@ def report(results: dict, weight_bytes: int) -> None:
     rows = [("load (s)", lambda r: r["load"]["seconds"]),
             ("first call: generate 1 token (s)", lambda r: r["first"]["seconds"]),
             ("time to first token = load + first call (s)", lambda r: r["load"]["seconds"] + r["first"]["seconds"]),
+            ("  CPU seconds: load, first call", lambda r: (r["load"]["cpu_seconds"], r["first"]["cpu_seconds"])),
+            ("  of which in the kernel: load, first call", lambda r: (r["load"]["system_seconds"],
+                                                                  r["first"]["system_seconds"])),
             ("  page faults in load (minor, thousands)", lambda r: r["load"]["minor_faults"] / 1e3),
             ("  page faults in first call (minor, thousands)", lambda r: r["first"]["minor_faults"] / 1e3),
             ("  major page faults, load + first call", lambda r: r["load"]["major_faults"] + r["first"]["major_faults"]),
             ("  resident after load: anonymous (GB)", lambda r: r["load"]["RssAnon"] / G),
             ("  resident after load: file-mapped (GB)", lambda r: r["load"]["RssFile"] / G),
             ("generate 1 token, warm (s)", lambda r: r["one"]["seconds"]),
+            ("  CPU seconds, page faults (thousands)", lambda r: (r["one"]["cpu_seconds"], r["one"]["minor_faults"] / 1e3)),
             (f"generate {NEW} tokens, warm (s)", lambda r: r["many"]["seconds"]),
+            ("  CPU seconds", lambda r: r["many"]["cpu_seconds"]),
+            ("load average: first call, timed calls", lambda r: (r["first"]["load"], r["many"]["load"])),
             (f"decode tokens/s ({NEW - 1} tokens, batch 1)", lambda r: r["decode_rate"]),
             ("peak resident memory (GB)", lambda r: r["peak"] / G),
             ("peak resident / weight bytes", lambda r: r["peak"] / weight_bytes)]
+    def cell(v, width):
+        return f"{v:{width}.2f}" if not isinstance(v, tuple) else f"{', '.join(f'{x:.2f}' for x in v):>{width}s}"
     for name, value in rows:
-        print(f"{name:44s}{value(results['ours']):12.2f}{value(results['transformers']):14.2f}")
+        print(f"{name:44s}{cell(value(results['ours']), 12)}{cell(value(results['transformers']), 14)}")
     ours, theirs = results["ours"]["tokens"], results["transformers"]["tokens"]
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
     print(f"greedy tokens: {agree}/{len(ours)} equal before the first difference (ours {ours[:6]}..., "
@@ -183,13 +199,15 @@ def report(results: dict, weight_bytes: int) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", help="weights directory: reused if it holds config.json, else written and kept")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of each model (0: torch's default)")
     parser.add_argument("--child", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.dir)))
+        print(json.dumps(child(args.child, args.dir, args.threads)))
         return
     import transformers
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+    threads = args.threads or torch.get_num_threads()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads, "
           f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM, "
           f"load average {os.getloadavg()[0]:.1f}")
     path = args.dir or tempfile.mkdtemp(prefix="llama7b-")
@@ -206,7 +224,7 @@ def main():
                   f"{time.perf_counter() - start:.0f} s")
         results = {}
         for which in ("ours", "transformers"):
-            results[which] = run_child(which, path)
+            results[which] = run_child(which, path, args.threads)
             print(f"{which}: {json.dumps({k: v for k, v in results[which].items() if k != 'tokens'})}")
         report(results, weight_bytes)
     finally:

@@ -1,6 +1,7 @@
 """Throughput of our EVAViT vs transformers' Blip2VisionModel (the same network), same weights, one run.
 
     python bench/vision.py                 # ViT-G width, 4 blocks, batch 8, fp32 on CPU
+    python bench/vision.py --full --iters 2  # the full 39 blocks at batch 1 and 8, fp32 on CPU (minutes)
     python bench/vision.py --device cuda   # the full 39 blocks in bf16, batch 4 and 32
 """
 import argparse
@@ -84,10 +85,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--iters", type=int, default=5, help="timed forwards of each model (best taken)")
+    parser.add_argument("--full", action="store_true", help="on CPU: all 39 blocks at batch 1 and 8")
     args = parser.parse_args()
     if args.device == "cpu":
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        runs = [(replace(EVAConfig(), depth=4), 8, torch.float32)]
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+        runs = ([(EVAConfig(), batch, torch.float32) for batch in (1, 8)] if args.full else
+                [(replace(EVAConfig(), depth=4), 8, torch.float32)])
     else:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
         runs = [(EVAConfig(), batch, torch.bfloat16) for batch in (4, 32)]
@@ -95,7 +98,7 @@ def main():
         r = compare(config, batch, dtype, args.device, args.iters)
         print(f"{args.device} {str(dtype).split('.')[-1]} depth {config.depth} batch {batch}: "
               f"ours {r['ours']:.2f} img/s, Blip2VisionModel {r['reference']:.2f} img/s, ratio "
-              f"{r['ours'] / r['reference']:.3f} (max abs diff of outputs {r['diff']:.2e})")
+              f"{r['ours'] / r['reference']:.3f} (max abs diff of outputs {r['diff']:.2e}; load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

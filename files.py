@@ -81,8 +81,10 @@ def load_safetensors(module: nn.Module, files: list[str], rename: Callable[[str]
     """Materialise `module` (built on the meta device) from safetensors `files`, tensor by tensor.
 
     `rename` maps an official key to our parameter name, or to None for a tensor we deliberately
-    drop. Peak host memory stays near the size of the weights: each tensor is read, cast and moved
-    once, and nothing else is ever allocated for it. Every tensor of the module must be found
+    drop. Peak host memory stays near the size of the weights: safetensors maps the file, so a tensor
+    already in `dtype` on the CPU stays a view of it, read from disk or the page cache when first used
+    (the first forward pays those page faults, as with transformers' loader); any other tensor is cast
+    or moved once, and nothing else is allocated for it. Every tensor of the module must be found
     exactly once with the right shape; anything else is an error naming the tensor and the file.
     """
     expected = dict(module.state_dict(keep_vars=True))  # our name -> meta tensor

@@ -97,8 +97,9 @@ def main():
     for config, batch, dtype in runs:
         r = compare(config, batch, dtype, args.device, args.iters)
         print(f"{args.device} {str(dtype).split('.')[-1]} depth {config.depth} batch {batch}: "
-              f"ours {r['ours']:.2f} img/s, Blip2VisionModel {r['reference']:.2f} img/s, ratio "
-              f"{r['ours'] / r['reference']:.3f} (max abs diff of outputs {r['diff']:.2e}; load average {os.getloadavg()[0]:.1f})")
+              f"ours {r['ours']:.3g} img/s, Blip2VisionModel {r['reference']:.3g} img/s, ratio "
+              f"{r['ours'] / r['reference']:.3f} (max abs diff of outputs {r['diff']:.2e}; "
+              f"load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,18 @@ def resample(features: torch.Tensor, method: str, rate: int) -> torch.Tensor:
     return pool(grid, kernel_size=2, stride=2).flatten(2).transpose(1, 2)  # [B, 64, 1408]
 
 
+def token_of_patch(method: str, rate: int, patches: int) -> torch.Tensor:
+    """The resampled token each ViT patch goes into, [patches] (raster order): `resample`'s grouping
+    turned around, to lay a per-token quantity (a routing weight) back onto the image's patches."""
+    patch = torch.arange(patches)
+    if method == "none":
+        return patch
+    if method == "projection":
+        return patch // rate  # a run of `rate` consecutive patches along a row
+    side = math.isqrt(patches)  # pooling: the 2x2 window holding the patch
+    return (patch // side // 2) * (side // 2) + patch % side // 2
+
+
 # -------------------------------------------------------------------------------------------------
 # Experts and router
 

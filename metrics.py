@@ -492,12 +492,17 @@ def iou(box_a, box_b, pixel_inclusive=True):
     return inter / union if union != 0 else 0.0
 
 
+def grid_to_pixels(grid_box, image_size, res=100.0):
+    """(x1, y1, x2, y2) on the 0-res grid -> pixels of the original (W, H) image, as eval_ref.py scales."""
+    (w, h), (x1, y1, x2, y2) = image_size, grid_box
+    return x1 / res * w, y1 / res * h, x2 / res * w, y2 / res * h
+
+
 def rec_iou(pred_grid_box, gt_xywh, image_size, res=100.0, pixel_inclusive=True):
     """IoU of a parsed prediction on the 0-res grid (or None: unparsable -> 0) against a pixel [x,y,w,h]."""
     if pred_grid_box is None:
         return 0.0
-    (w, h), (x1, y1, x2, y2) = image_size, pred_grid_box
-    pred = (x1 / res * w, y1 / res * h, x2 / res * w, y2 / res * h)  # grid -> original pixels
+    pred = grid_to_pixels(pred_grid_box, image_size, res)
     gx, gy, gw, gh = gt_xywh
     return iou(pred, (gx, gy, gx + gw, gy + gh), pixel_inclusive)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cmoe import (CONNECTORS, IMAGE_TASKS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, Connector,
-                  ConnectorConfig, resample)
+                  ConnectorConfig, resample, token_of_patch)
 
 SMALL = dict(vit_width=6, llm_width=16, router_hidden=12)
 
@@ -88,6 +88,21 @@ def test_pooling_on_a_hand_made_grid(method):
 def test_none_is_identity():
     x = features()
     assert torch.equal(resample(x, "none", 4), x)
+
+
+@pytest.mark.parametrize("method, rate", [("projection", 4), ("projection", 2), ("avgpool", 4),
+                                          ("maxpool", 4), ("none", 4)])
+def test_token_of_patch_is_what_resample_groups(method, rate):
+    # Raising one patch far above the rest changes exactly the output token that covers it
+    x = torch.randn(1, 256, 3, generator=torch.Generator().manual_seed(0))
+    y = resample(x, method, rate)
+    owner = token_of_patch(method, rate, 256)
+    assert owner.shape == (256,) and int(owner.max()) == y.shape[1] - 1
+    for p in range(256):
+        bumped = x.clone()
+        bumped[0, p] += 100.0
+        changed = (resample(bumped, method, rate) != y).any(-1)[0].nonzero().flatten().tolist()
+        assert changed == [int(owner[p])], p
 
 
 # --------------------------------------------------------------------------------------------- routers

@@ -412,10 +412,19 @@ def ask(model: UniMed, image: Optional[Image.Image], line: str, task: str, out_d
     weights = routing_map(model, batch.images, task)
     if weights is not None:
         pictures["routing"] = routing_figure(image, weights, f"{instruction.strip()} -> {r['prediction']}", box)
+    os.makedirs(out_dir, exist_ok=True)
     for kind, picture in pictures.items():
         r["pictures"].append(os.path.join(out_dir, f"{name}_{kind}.png"))
         analysis.save_png(picture, r["pictures"][-1])
     return r
+
+
+def unused_name(out_dir: str, stem: str) -> str:
+    """stem_N for the first N whose pictures are not in out_dir yet: no earlier answer is overwritten."""
+    files, n = os.listdir(out_dir) if os.path.isdir(out_dir) else [], 1
+    while any(f.startswith(f"{stem}_{n}_") for f in files):
+        n += 1
+    return f"{stem}_{n}"
 
 
 def ask_main(args) -> int:
@@ -427,7 +436,6 @@ def ask_main(args) -> int:
         read_question(args.ask, args.task, image is not None)  # and so does a malformed question
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)),
                                    f"ask_{os.path.splitext(os.path.basename(path))[0]}")
-    os.makedirs(out, exist_ok=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = UniMed.from_checkpoint(path, args.llama, args.vit, device)
     stem = os.path.splitext(os.path.basename(args.image))[0] if args.image else "text"
@@ -438,7 +446,7 @@ def ask_main(args) -> int:
         if not line.strip():
             continue
         try:
-            r = ask(model, image, line, args.task, out, f"{stem}_{n}", args.compile)
+            r = ask(model, image, line, args.task, out, unused_name(out, stem), args.compile)
         except ValueError as e:  # one bad line of standard input does not end the session
             if args.ask is not None:
                 raise

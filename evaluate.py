@@ -309,9 +309,10 @@ def read_image(path: str) -> Image.Image:
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
-def read_question(line: str, task: str, has_image: bool) -> tuple[str, str, Optional[tuple]]:
-    """A question, with an optional leading [task] tag that overrides `task` -> (task, instruction as
-    evaluation builds it (TaskDataset.get), the asked box of an [identify] question on the 0-100 grid)."""
+def read_question(line: str, task: str, has_image: bool) -> tuple[str, str, str, Optional[tuple]]:
+    """A question, with an optional leading [task] tag that overrides `task` -> (task, question,
+    the instruction evaluation builds from it (as TaskDataset.get does), the box an [identify]
+    question asks about, on the 0-100 grid)."""
     tagged = re.match(r"\s*\[(\w+)\](.*)", line, re.S)
     if tagged:
         task, line = tagged.groups()
@@ -331,7 +332,7 @@ def read_question(line: str, task: str, has_image: bool) -> tuple[str, str, Opti
                              f"the image, x1 < x2 and y1 < y2, e.g. {{<10><20><55><70>}}; got {question!r}")
         question = "{{<{}><{}><{}><{}>}}".format(*box)  # as data.box_to_text writes it
     instruction = ASK_TEMPLATES[task].format(question)
-    return task, data.process_text(instruction) if task == "qa" else instruction, box
+    return task, question, data.process_text(instruction) if task == "qa" else instruction, box
 
 
 @torch.no_grad()
@@ -389,14 +390,14 @@ def routing_figure(image: Image.Image, weights: torch.Tensor, title: str, grid_b
                                      title=f"expert {k}: mean {float(weights[..., k].mean()):.2f}"))
     bar = Image.new("RGB", (90, panel.height + 56), analysis.WHITE)  # room for the ticks' text
     analysis.colour_bar(bar, 6, 40, panel.height - 1, analysis.VIRIDIS, 0.0, top, "routing weight")
-    return analysis.stack(panels + [bar], horizontal=True, title=title if len(title) <= 110 else title[:107] + "...")
+    return analysis.stack(panels + [bar], horizontal=True, title=title if len(title) <= 120 else title[:117] + "...")
 
 
 def ask(model: UniMed, image: Optional[Image.Image], line: str, task: str, out_dir: str, name: str,
         compile: bool = False) -> dict:
     """Answer one question about `image` as evaluation would, and write its pictures to out_dir as
     name_box.png ([refer]: the predicted box; [identify]: the asked one) and name_routing.png."""
-    task, instruction, box = read_question(line, task, image is not None)
+    task, question, instruction, box = read_question(line, task, image is not None)
     image = None if task == "qa" else image
     sample = data.Sample(name, "ask", task, image, instruction, "", image_size=image and image.size)
     batch, [output] = answer_batch(model, [sample], compile)
@@ -411,7 +412,8 @@ def ask(model: UniMed, image: Optional[Image.Image], line: str, task: str, out_d
         pictures["box"] = box_picture(image, box)
     weights = routing_map(model, batch.images, task)
     if weights is not None:
-        pictures["routing"] = routing_figure(image, weights, f"{instruction.strip()} -> {r['prediction']}", box)
+        short = question if len(question) <= 60 else question[:57] + "..."
+        pictures["routing"] = routing_figure(image, weights, f"[{task}] {short} -> {r['prediction']}", box)
     os.makedirs(out_dir, exist_ok=True)
     for kind, picture in pictures.items():
         r["pictures"].append(os.path.join(out_dir, f"{name}_{kind}.png"))

@@ -109,12 +109,12 @@ def test_answer_equals_evaluation(checkpoint, demo, tmp_path, monkeypatch):
 
 def test_question_forms():
     """--task for untagged questions, a tag overriding it, and errors that list the tasks."""
-    assert evaluate.read_question("which side?", "vqa", True)[:2] == (
-        "vqa", "[vqa] Based on the image, respond to this question with a short answer: which side?")
-    assert evaluate.read_question("  [refer]  the  liver ", "vqa", True)[:2] == ("refer", "[refer] give me the location of the liver")
-    assert evaluate.read_question("[caption]", "vqa", True)[1] == "[caption] Describe this input image. "
-    assert evaluate.read_question("[identify] {<1><2> <30><40>}", "vqa", True) == (
-        "identify", "[identify] what object is in this location {<1><2><30><40>}", (1, 2, 30, 40))
+    assert evaluate.read_question("which side?", "vqa", True) == (
+        "vqa", "which side?", "[vqa] Based on the image, respond to this question with a short answer: which side?", None)
+    assert evaluate.read_question("  [refer]  the  liver ", "vqa", True)[2] == "[refer] give me the location of the liver"
+    assert evaluate.read_question("[caption]", "vqa", True)[2] == "[caption] Describe this input image. "
+    assert evaluate.read_question("[identify] {<1><2> <30><40>}", "vqa", True)[2:] == (
+        "[identify] what object is in this location {<1><2><30><40>}", (1, 2, 30, 40))
     for line, words in (("[foo] what?", ["unknown task [foo]", "vqa, refer, identify, caption, cls, qa"]),
                         ("[identify] the liver", ["{<x1><y1><x2><y2>}"]),
                         ("[identify] {<50><2><30><40>}", ["x1 < x2"]),

@@ -206,6 +206,16 @@ def fmt(value) -> str:
     return "   -   " if value is None else f"{value:7.2f}"
 
 
+def which_prompt(ckpt: dict, official_prompt: Optional[bool]) -> bool:
+    """--official-prompt as given; by default the official prompt for an official checkpoint only."""
+    return ckpt.get("format") != "unimed-ckpt" if official_prompt is None else official_prompt
+
+
+def prompt_note(official_prompt: bool) -> str:
+    return "prompt: " + ("the official evaluation prompt, two BOS (--no-official-prompt for one)" if official_prompt
+                         else "one BOS, as in training (--official-prompt for the official evaluation's two)")
+
+
 def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[list] = None,
              limit: Optional[int] = None, batch_size: Optional[int] = None, out: Optional[str] = None,
              llama: Optional[str] = None, vit: Optional[str] = None, device: Optional[str] = None,
@@ -216,8 +226,7 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
     official_prompt: the official evaluation prompt, with two BOS (UniMed.generate); by default on
     for an official checkpoint, to reproduce what the official scripts print, and off for ours."""
     ckpt = read_checkpoint(ckpt_path)  # read once: the data root is checked before the model loads
-    if official_prompt is None:
-        official_prompt = ckpt.get("format") != "unimed-ckpt"
+    official_prompt = which_prompt(ckpt, official_prompt)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = batch_size or (GPU_BATCH_SIZE if device.startswith("cuda") else CPU_BATCH_SIZE)
     demo = ckpt.get("format") == "unimed-ckpt" and bool(ckpt["config"].get("demo"))
@@ -237,8 +246,7 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
         print(f"METEOR: {meteor_data.description}")
     model = model or UniMed.from_checkpoint(ckpt_path, llama, vit, device, ckpt=ckpt)
 
-    print("prompt: " + ("the official evaluation prompt, two BOS (--no-official-prompt for one)" if official_prompt
-                        else "one BOS, as in training (--official-prompt for the official evaluation's two)"))
+    print(prompt_note(official_prompt))
     results = {"checkpoint": os.path.abspath(ckpt_path), "step": ckpt.get("step", ckpt.get("epoch")),
                "data_root": os.path.abspath(data_root), "demo": demo, "limit": limit,
                "official_prompt": official_prompt, "datasets": {}}
@@ -387,20 +395,20 @@ def routing_figure(image: Image.Image, weights: torch.Tensor, title: str, grid_b
         heat.putdata([analysis.colour(analysis.VIRIDIS, w / top) for w in weights[..., k].flatten().tolist()])
         heat = heat.resize(panel.size, Image.NEAREST)  # the patch grid covers the whole image
         panels.append(analysis.stack([Image.blend(grey, heat, 0.6)], horizontal=False,
-                                     title=f"expert {k}: mean {float(weights[..., k].mean()):.2f}"))
+                                     title=f"E{k + 1}: mean {float(weights[..., k].mean()):.2f}"))
     bar = Image.new("RGB", (90, panel.height + 56), analysis.WHITE)  # room for the ticks' text
     analysis.colour_bar(bar, 6, 40, panel.height - 1, analysis.VIRIDIS, 0.0, top, "routing weight")
     return analysis.stack(panels + [bar], horizontal=True, title=title if len(title) <= 120 else title[:117] + "...")
 
 
 def ask(model: UniMed, image: Optional[Image.Image], line: str, task: str, out_dir: str, name: str,
-        compile: bool = False) -> dict:
+        compile: bool = False, official_prompt: bool = False) -> dict:
     """Answer one question about `image` as evaluation would, and write its pictures to out_dir as
     name_box.png ([refer]: the predicted box; [identify]: the asked one) and name_routing.png."""
     task, question, instruction, box = read_question(line, task, image is not None)
     image = None if task == "qa" else image
     sample = data.Sample(name, "ask", task, image, instruction, "", image_size=image and image.size)
-    batch, [output] = answer_batch(model, [sample], compile)
+    batch, [output] = answer_batch(model, [sample], compile, official_prompt)
     r = {"task": task, "prompt": build_prompt(instruction, image is not None, train=False), "output": output,
          "prediction": metrics.clean_prediction(output, task), "pictures": []}
     if task == "refer":
@@ -439,7 +447,10 @@ def ask_main(args) -> int:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)),
                                    f"ask_{os.path.splitext(os.path.basename(path))[0]}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = UniMed.from_checkpoint(path, args.llama, args.vit, device)
+    ckpt = read_checkpoint(path)
+    official_prompt = which_prompt(ckpt, args.official_prompt)
+    model = UniMed.from_checkpoint(path, args.llama, args.vit, device, ckpt=ckpt)
+    print(prompt_note(official_prompt), file=sys.stderr)
     stem = os.path.splitext(os.path.basename(args.image))[0] if args.image else "text"
     if args.ask is None and sys.stdin.isatty():
         print("one question per line; end with Ctrl-D", file=sys.stderr)
@@ -448,7 +459,7 @@ def ask_main(args) -> int:
         if not line.strip():
             continue
         try:
-            r = ask(model, image, line, args.task, out, unused_name(out, stem), args.compile)
+            r = ask(model, image, line, args.task, out, unused_name(out, stem), args.compile, official_prompt)
         except ValueError as e:  # one bad line of standard input does not end the session
             if args.ask is not None:
                 raise

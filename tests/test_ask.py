@@ -107,6 +107,28 @@ def test_answer_equals_evaluation(checkpoint, demo, tmp_path, monkeypatch):
             assert (r["output"], r["prediction"]) == (record["output"], record["prediction"]), (name, i)
 
 
+def test_official_prompt_passes_through(checkpoint, demo, tmp_path, monkeypatch, loads, capsys):
+    """--official-prompt (two BOS, issue 14) reaches UniMed.generate from the ask mode as from
+    evaluation, with the same answers; by default it is off for our checkpoints."""
+    path, model = checkpoint
+    monkeypatch.setattr(metrics, "score_sample", lambda task, r: {})
+    ds = data.load_datasets(demo[2], "test", names=["slake_vqa"], train=False)["slake_vqa"]
+    records = evaluate.evaluate_dataset(model, "slake_vqa", ds, str(tmp_path), evaluate.CPU_BATCH_SIZE,
+                                        limit=2, official_prompt=True)
+    seen, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: seen.append(kw["official_prompt"]) or generate(*a, **kw))
+    for i, record in enumerate(records):
+        ds[i].image.save(tmp_path / "sample.png")
+        r = evaluate.ask(model, evaluate.read_image(str(tmp_path / "sample.png")), ds.rows[i].slot, "vqa",
+                         str(tmp_path), "s", official_prompt=True)
+        assert r["output"] == record["output"]
+    image = str(tmp_path / "sample.png")
+    evaluate.main([path, "--image", image, "--ask", "which side?", "--out", str(tmp_path)])
+    evaluate.main([path, "--image", image, "--ask", "which side?", "--out", str(tmp_path), "--official-prompt"])
+    assert seen == [True, True, False, True]
+    assert "prompt: one BOS" in capsys.readouterr().err
+
+
 def test_question_forms():
     """--task for untagged questions, a tag overriding it, and errors that list the tasks."""
     assert evaluate.read_question("which side?", "vqa", True) == (

@@ -500,6 +500,15 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if int(i) not in special])
 
 
+class WordTokenizer:
+    """Stands in for tokenizer.model where only lengths matter (the shape trace, the memory plan):
+    one token per word, so every length is a stated count."""
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + [3] * len(text.split()) + [self.eos_id] * eos
+
+
 def chat_prompt(instruction: str) -> str:
     """The LLaMA-2 chat template Uni-Med uses (no system prompt)."""
     return f"[INST] {instruction} [/INST]"

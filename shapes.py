@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig
+from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, WordTokenizer
 from vision import EVAConfig, EVAViT
 
 # One vqa batch with the official VQA training template; answers short as Slake's are.
@@ -50,14 +50,6 @@ TRACE = [  # (stage, module, its input or output, paper equation), in the order 
     ("logits", "llama.lm_head", "out", ""),
     ("loss (a value needs weights)", "", "out", ""),
 ]
-
-
-class WordTokenizer:
-    """Stands in for tokenizer.model when there is none: one token per word, so T is a stated count."""
-    bos_id, eos_id = 1, 2
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + [0] * len(text.split()) + [self.eos_id] * eos
 
 
 def trace(config: Optional[UniMedConfig] = None, tokenizer=None, batch=TRACE_BATCH) -> list[dict]:

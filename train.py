@@ -47,7 +47,8 @@ import data
 from analysis import plot_training
 from files import read_json, read_log, save_torch, write_jsonl
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
-from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt, read_checkpoint, save_pretrained
+from model import (Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, WordTokenizer, build_prompt, read_checkpoint,
+                   save_pretrained)
 from vision import EVAConfig, EVAViT
 
 # -------------------------------------------------------------------------------------------------
@@ -678,14 +679,6 @@ PLAN_TEXT_TOKENS = 128
 CARDS_GB = (24, 40, 48, 80)
 OFFICIAL_PRECISION = dict(dtype=torch.float32, vit_dtype=torch.float16, autocast=torch.float16,
                           grad_checkpointing=False)  # spec section 8: fp32 LLaMA master, fp16 autocast
-
-
-class WordTokenizer:
-    """Stands in for tokenizer.model in a plan, which only needs lengths: one token per word."""
-    bos_id, eos_id = 1, 2
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + [3] * len(text.split()) + [self.eos_id] * eos
 
 
 def meta_model(config: UniMedConfig, llama: LlamaConfig, vit: EVAConfig, dtype, vit_dtype) -> UniMed:

@@ -61,7 +61,7 @@ import data
 import meteor
 import metrics
 from cmoe import token_of_patch
-from files import read_log, write_json
+from files import image_error, read_log, require_file, write_json
 from model import UniMed, build_prompt, checkpoint_data_root, read_checkpoint
 
 MAX_NEW_TOKENS = 100  # eval_configs/uni_med_benchmark_evaluation.yaml
@@ -301,8 +301,7 @@ def read_image(path: str) -> Image.Image:
     float images are first stretched from their minimum to their maximum: convert would clip every
     value above 255 to white. The size is left to preprocessing, which resizes to the ViT's input.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: {'a directory' if os.path.isdir(path) else 'no such file'}, not an image")
+    require_file(path, "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # large is fine: it is resized
@@ -313,8 +312,8 @@ def read_image(path: str) -> Image.Image:
                     lo, span = pixels.min(), max(pixels.max() - pixels.min(), 1e-12)
                     image = Image.fromarray(((pixels - lo) * (255 / span)).round().astype(np.uint8))
                 return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+    except Exception as e:  # the same one-line errors as the datasets' images (files.image_error)
+        raise image_error(path, e) from None
 
 
 def read_question(line: str, task: str, has_image: bool) -> tuple[str, str, str, Optional[tuple]]:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 def require_file(path: str, what: str) -> None:
     """A missing file is a FileNotFoundError; an empty one (a failed download) is already bad input."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: a directory, not a {what} file" if os.path.isdir(path)
+        raise FileNotFoundError(f"{path}: a directory, where a file ({what}) was expected" if os.path.isdir(path)
                                 else f"{path}: no such {what} file")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty file (a failed download or copy?)")

@@ -874,8 +874,8 @@ def make_demo(root, seed: int = 0) -> None:
     """Write the miniature of every dataset under `root` (a data root for --data-root); the same
     seed writes the same bytes. Samples train/test: 40/16 for each REC and REG set, 60/24 for
     Slake-VQA, 48/18 for each MedMNIST set, 48/17 for MedPix, 48/16 for the others."""
-    makers = [(_demo_medqa, 48, 16), (_demo_pubmedqa, 48, 16), (_demo_slake, 20, 8), (_demo_path_vqa, 24, 8),
-              (_demo_mimic, 48, 16), (_demo_medpix, 48, 16), (_demo_sa_med2d, 10, 4), (_demo_medmnist, 48, 18)]
+    makers = [(_demo_medqa, 48, 16), (_demo_pubmedqa, 48, 16), (_demo_slake, 200, 50), (_demo_path_vqa, 240, 50),
+              (_demo_mimic, 360, 100), (_demo_medpix, 320, 100), (_demo_sa_med2d, 100, 25), (_demo_medmnist, 300, 102)]
     for k, (maker, n_train, n_test) in enumerate(makers):
         maker(root, np.random.default_rng([seed, k]), {"train": n_train, "test": n_test})
 

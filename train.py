@@ -208,8 +208,11 @@ def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int =
     if not os.path.exists(vit_path):
         torch.manual_seed(seed)
         vit = EVAViT(DEMO_EVA)
-        # EVA initialises these with a truncated normal; EVAViT leaves zeros for the checkpoint to fill
-        torch.nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+        # EVAViT leaves zeros for the checkpoint to fill. A trained ViT's features say where each
+        # patch is; a random one's say so only if its position embeddings are as large as its patch
+        # embeddings (std ~0.5 here), not EVA's initial 0.02. Without this, which quadrant an image
+        # token shows is all but lost, and REC, REG and "which side?" cannot be learned.
+        torch.nn.init.trunc_normal_(vit.pos_embed, std=0.5)
         torch.nn.init.trunc_normal_(vit.cls_token, std=0.02)
         save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, vit_path + ".tmp",
                   metadata={"format": "pt"})
@@ -236,7 +239,7 @@ def demo_texts(data_root: str) -> list[str]:
     for dataset in data.load_datasets(data_root, "train", train=True).values():
         for i in range(len(dataset)):
             s = dataset.get(i, i % len(dataset.templates))
-            texts.append(f"{build_prompt(s.instruction, s.image is not None, True)} {s.answer}")
+            texts.append(f"{build_prompt(s.instruction, s.image is not None, i % 2 == 0)} {s.answer}")
     return texts
 
 

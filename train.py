@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import data
 from analysis import plot_training
-from files import read_json, read_log, save_torch, write_jsonl
+from files import assign, read_json, read_log, save_torch, write_jsonl
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
 from model import (Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, WordTokenizer, build_prompt, read_checkpoint,
                    save_pretrained)
@@ -86,7 +86,6 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 argument_default=argparse.SUPPRESS if suppress else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
     g = p.add_argument_group("weights and data (none given: the built-in demo)")
     g.add_argument("--llama", help="LLaMA-2-7b-chat-hf directory (config.json, safetensors, tokenizer.model)")
     g.add_argument("--vit", help="EVA ViT-G .safetensors (python vision.py convert eva_vit_g.pth ...)")
@@ -130,7 +129,6 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", default=None,
                    help="print the GPU memory of one full-size training step with these flags, and at the "
                    "official precision, and which cards it fits; needs no weights, data or GPU")
-    del add
     return p
 
 
@@ -152,33 +150,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         missing = " ".join(k for k, v in paths.items() if not v)
         sys.exit(f"train.py: real runs need --llama, --vit and --data-root together; missing {missing}")
     args.demo = not any(paths.values())
-    for key, value in DEFAULTS.items():
-        if getattr(args, key, None) is None:  # (a checkpoint from before a flag existed lacks it)
-            setattr(args, key, value)
+    fill(args, **DEFAULTS)
     args.schedule = args.schedule or ("demo" if args.demo else "paper")
     sched = SCHEDULES[args.schedule]
-    args.iters = sched["iters"] if args.iters is None else args.iters
-    args.lr = sched["lr"] if args.lr is None else args.lr
+    fill(args, iters=sched["iters"], lr=sched["lr"],  # spec section 3: LoRA-MoE r 4, alpha 8
+         lora_r=4 if args.lora_moe else 8, lora_alpha=8.0 if args.lora_moe else 16.0)
     if args.iters < 1 or args.lr <= 0:
         sys.exit(f"train.py: --iters must be >= 1 and --lr > 0 (got {args.iters} and {args.lr})")
     if args.iters <= sched["warmup"]:
         print(f"train.py: note: --iters {args.iters} ends inside the {args.schedule} schedule's "
               f"{sched['warmup']}-step warmup, so the peak lr is never reached")
-    if args.lora_r is None:
-        args.lora_r = 4 if args.lora_moe else 8  # spec section 3: LoRA-MoE r 4, alpha 8
-    if args.lora_alpha is None:
-        args.lora_alpha = 8.0 if args.lora_moe else 16.0
-    if args.device is None:  # a dry run plans for a GPU
-        args.device = "cuda" if torch.cuda.is_available() or args.dry_run else "cpu"
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    if args.grad_checkpointing is None:
-        args.grad_checkpointing = args.device.startswith("cuda")
+    fill(args, device="cuda" if torch.cuda.is_available() or args.dry_run else "cpu")  # a dry run plans for a GPU
+    cuda = args.device.startswith("cuda")
+    fill(args, dtype="bf16" if cuda else "fp32", grad_checkpointing=cuda)
     return args
 
 
-def schedule_of(args) -> dict:
-    return {**SCHEDULES[args.schedule], "iters": args.iters, "lr": args.lr}
+def fill(args: argparse.Namespace, **defaults) -> None:
+    """Give each flag left unset (None) its default; a checkpoint from before a flag existed lacks it."""
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -428,7 +420,7 @@ def setup(args) -> Run:
             build_demo()
         if world > 1:
             dist.barrier()
-    schedule = schedule_of(args)
+    schedule = {**SCHEDULES[args.schedule], "iters": args.iters, "lr": args.lr}
     if rank == 0:
         print(f"schedule {args.schedule}: {args.iters} steps, lr {args.lr:g} (warmup {schedule['warmup']} "
               f"from {schedule['warmup_lr']:g}, {'cosine to ' + format(schedule['min_lr'], 'g') if schedule['cosine'] else 'then constant'}), "
@@ -691,9 +683,7 @@ def materialize(model: UniMed, device) -> UniMed:
     """Give each parameter of a meta model uninitialised memory (torch.empty) on `device`: a fake
     tensor under FakeTensorMode, where Module.to cannot move meta or fake parameters."""
     for name, p in list(model.named_parameters()):
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr,
-                torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad))
+        assign(model, name, torch.empty(p.shape, dtype=p.dtype, device=device))
     return model
 
 
@@ -784,9 +774,6 @@ class MemoryTracker(TorchDispatchMode):
             (live.add if delta > 0 else live.discard)(serial)
         return live
 
-    def phase_at(self, index: int) -> str:
-        return [name for start, name in self.phases if start <= index][-1]
-
 
 def plan_memory(config: UniMedConfig, llama: LlamaConfig, vit: EVAConfig, *, dtype, vit_dtype, autocast,
                 grad_checkpointing: bool, batch_size: int, text_tokens: int, device: str = "cpu") -> dict:
@@ -821,7 +808,8 @@ def plan_memory(config: UniMedConfig, llama: LlamaConfig, vit: EVAConfig, *, dty
     parts = {part: sum(mem.nbytes[s] for s in serials & at_peak) for part, serials in named.items()}
     parts["activations"] = sum(mem.nbytes[s] for s in activations & at_peak)
     parts["temporaries"] = peak - sum(parts.values())
-    return {"parts": parts, "peak": peak, "phase": mem.phase_at(at), "phase_peaks": phase_peaks,
+    return {"parts": parts, "peak": peak, "phase_peaks": phase_peaks,
+            "phase": [name for start, name in mem.phases if start <= at][-1],  # the phase of the peak
             "after_forward": sum(mem.nbytes[s] for s in activations),
             "weight_copies_after_forward": sum(mem.nbytes[s] for s in activations & mem.weight_copies)}
 

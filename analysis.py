@@ -121,11 +121,6 @@ def tug_of_war(gd: torch.Tensor, gm: torch.Tensor) -> torch.Tensor:
     return (gd * gm).sum(1)
 
 
-def max_normalise(values: torch.Tensor) -> torch.Tensor:
-    """Section 4.3: indexes compared across models are divided by their largest magnitude."""
-    return values / values.abs().max()
-
-
 def statistics_score(task_grads: torch.Tensor) -> torch.Tensor:
     """Eq. 5: |sum_t g_t| / sum_t |g_t| per parameter, from the tasks' mean gradients [T, ...] -> [...].
     1: every task pushes the parameter the same way; 0: they cancel. NaN where no task moves it."""
@@ -349,13 +344,12 @@ def first_pass(model, params: list, datasets: dict, plans: dict, config: Analysi
 def second_pass(model, params: list, datasets: dict, plans: dict, units: dict) -> dict:
     """The same batches again: each gradient's dot product with every dataset's E[g/||g||] (Eq. 1)."""
     dots = {n: [] for n in plans}
-    bar = tqdm(total=sum(map(len, plans.values())), desc="gradients, pass 2/2", unit="batch", dynamic_ncols=True)
-    for n, plan in plans.items():
-        for batch in plan:
-            grads, _, _ = batch_gradient(model, params, datasets[n], batch)
-            dots[n].append([dot(units[j], grads) for j in plans])  # [K] per batch
-            bar.update()
-    bar.close()
+    with tqdm(total=sum(map(len, plans.values())), desc="gradients, pass 2/2", unit="batch", dynamic_ncols=True) as bar:
+        for n, plan in plans.items():
+            for batch in plan:
+                grads, _, _ = batch_gradient(model, params, datasets[n], batch)
+                dots[n].append([dot(units[j], grads) for j in plans])  # [K] per batch
+                bar.update()
     return dots
 
 
@@ -738,20 +732,18 @@ def stack(images: list, horizontal: bool, title: Optional[str] = None, gap: int 
 
 def figure2(runs: list, level: str) -> Image.Image:
     """Figure 2: GD (Eq. 2) and GM (Eq. 3) between datasets (or tasks), one row per checkpoint."""
-    rows = []
+    rows, what = [], "dataset" if level == "by_dataset" else "task"
     for r in runs:
         c = r[level]
         gd = np.asarray(c["gd"], dtype=float)  # None (from JSON) -> nan
         reach = max([1.0] + [abs(v) for v in gd.flatten() if np.isfinite(v)])  # symmetric scale, at least +-1
-        what = "dataset" if level == "by_dataset" else "task"
         rows.append(stack([
             heatmap(gd, c["labels"], c["labels"], f"{r['label']}: gradient direction GD (Eq. 2)", DIVERGING,
                     -reach, reach, f"j: {what} whose normalised step is taken", f"i: {what} whose loss changes",
                     "GD_ij"),
             heatmap(c["gm"], c["labels"], c["labels"], f"{r['label']}: gradient magnitude GM (Eq. 3)", VIRIDIS,
                     0.0, 1.0, what, what, "GM_ij")], horizontal=True))
-    what = "datasets" if level == "by_dataset" else "tasks"
-    return stack(rows, horizontal=False, title=f"Gradient conflict between {what} at the {runs[0]['target']} "
+    return stack(rows, horizontal=False, title=f"Gradient conflict between {what}s at the {runs[0]['target']} "
                                                f"(Figure 2)")
 
 
@@ -951,12 +943,8 @@ def main(argv=None):
                                 samples_per_task=args.samples_per_task, seed=args.seed)
         runs = []
         for path, label in zip(args.inputs, labels):
-            if path.endswith(".json"):
-                earlier = load_runs(path)
-                if label:
-                    for r in earlier:
-                        r["label"] = label
-                runs += earlier
+            if path.endswith(".json"):  # an earlier run keeps its saved label unless --labels renames it
+                runs += [{**r, "label": label} if label else r for r in load_runs(path)]
             else:
                 runs.append(analyse_checkpoint(path, label, config, args))
         report(runs, args.out)

@@ -90,23 +90,17 @@ NAMES = {"slake_vqa": "Slake-VQA", "path_vqa": "Path-VQA", "mimic_cxr": "MIMIC-C
          "dermamnist": "DermaMNIST", "organsmnist": "OrganSMNIST", "slake_rec": "Slake-REC",
          "sa_med2d_rec": "SA-Med2D-REC", "slake_reg": "Slake-REG", "sa_med2d_reg": "SA-Med2D-REG",
          "medqa": "MedQA", "pubmedqa": "PubMedQA"}
-RG = [("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
-      ("rougeL", "ROUGE-L"), ("meteor", "METEOR")]
-TABLES = [  # (title, [(dataset, [(metric, column label)])])
-    ("Table 3: VQA and classification", [
-        ("slake_vqa", [("bleu1", "BLEU-1"), ("f1", "F1")]),
-        ("path_vqa", [("bleu1", "BLEU-1"), ("f1", "F1")]),
-        ("dermamnist", [("acc", "Acc")]),
-        ("organsmnist", [("acc", "Acc")])]),
+BLEU1, F1, ACC = ("bleu1", "BLEU-1"), ("f1", "F1"), ("acc", "Acc")  # (metric, column label)
+VQA, REC, REG, QA = [BLEU1, F1], [("iou", "IoU"), ("r@0.5", "R@0.5")], [BLEU1, F1, ACC], [ACC, F1]
+RG = [BLEU1, ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
+      ("meteor", "METEOR")]
+TABLES = [  # (title, [(dataset, its columns)])
+    ("Table 3: VQA and classification", [("slake_vqa", VQA), ("path_vqa", VQA), ("dermamnist", [ACC]),
+                                         ("organsmnist", [ACC])]),
     ("Table 3: report generation", [("mimic_cxr", RG), ("medpix", RG)]),
-    ("Table 6: referring expression comprehension (REC) and generation (REG)", [
-        ("slake_rec", [("iou", "IoU"), ("r@0.5", "R@0.5")]),
-        ("sa_med2d_rec", [("iou", "IoU"), ("r@0.5", "R@0.5")]),
-        ("slake_reg", [("bleu1", "BLEU-1"), ("f1", "F1"), ("acc", "Acc")]),
-        ("sa_med2d_reg", [("bleu1", "BLEU-1"), ("f1", "F1"), ("acc", "Acc")])]),
-    ("Question answering (not evaluated in the paper)", [
-        ("medqa", [("acc", "Acc"), ("f1", "F1")]),
-        ("pubmedqa", [("acc", "Acc"), ("f1", "F1")])]),
+    ("Table 6: referring expression comprehension (REC) and generation (REG)",
+     [("slake_rec", REC), ("sa_med2d_rec", REC), ("slake_reg", REG), ("sa_med2d_reg", REG)]),
+    ("Question answering (not evaluated in the paper)", [("medqa", QA), ("pubmedqa", QA)]),
 ]
 
 
@@ -126,7 +120,7 @@ def evaluate_dataset(model: UniMed, name: str, dataset, out_dir: str, batch_size
     done = {r["id"] for r in records}
     todo = {i for i in range(n) if ids[i] not in done}
     bar = tqdm(total=n, initial=n - len(todo), desc=name, unit="sample", dynamic_ncols=True)
-    with open(path, "a") as f:
+    with open(path, "a") as f, bar:
         # Batches are cut from the full sample order, so a resumed run batches as an uninterrupted one
         for start in range(0, n, batch_size):
             indices = [i for i in range(start, min(start + batch_size, n)) if i in todo]
@@ -139,7 +133,6 @@ def evaluate_dataset(model: UniMed, name: str, dataset, out_dir: str, batch_size
             os.fsync(f.fileno())
             records += new
             bar.update(len(new))
-    bar.close()
     order = {sample_id: i for i, sample_id in enumerate(ids)}
     return sorted((r for r in records if r["id"] in order), key=lambda r: order[r["id"]])
 
@@ -162,8 +155,6 @@ def generate_batch(model: UniMed, samples: list, compile: bool = False, official
     batch, outputs = answer_batch(model, samples, compile, official_prompt)
     records = []
     for s, out in zip(samples, outputs):
-        # The official cleaning of each task (metrics.clean_prediction); a REC answer must then
-        # start with the box (data.parse_box).
         r = {"id": s.id, "task": batch.task, "prompt": build_prompt(s.instruction, s.image is not None, train=False),
              "official_prompt": official_prompt, "output": out,
              "prediction": metrics.clean_prediction(out, batch.task), "reference": s.answer}

@@ -249,17 +249,14 @@ class TaskDataset(torch.utils.data.Dataset):
         is shared by all rows, so an image that many rows ask about is read and reported once."""
         if not isinstance(row.image, str):
             return None
-        if row.image not in sizes:
-            sizes[row.image] = None
-            try:
+        try:
+            if row.image not in sizes:
+                sizes[row.image] = None  # until it is read: a problem is reported by the first row only
                 sizes[row.image] = self.image_file(row, files.read_image_size)
-            except (ValueError, OSError) as e:
-                return str(e)
-        if sizes[row.image] is not None and row.box is not None:
-            try:
+            if sizes[row.image] is not None and row.box is not None:
                 self.check_box(row, sizes[row.image])
-            except ValueError as e:
-                return str(e)
+        except (ValueError, OSError) as e:
+            return str(e)
         return None
 
     def get(self, i, template: Optional[int] = None) -> Sample:

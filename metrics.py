@@ -116,10 +116,7 @@ def normalize_word(text):
     has_digit_comma = COMMA_STRIP.search(text) is not None
     for p in PUNCT:
         # the test looks at the *original* text, the replacement works on the running copy
-        if p + " " in text or " " + p in text or has_digit_comma:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
+        out = out.replace(p, "" if p + " " in text or " " + p in text or has_digit_comma else " ")
     out = PERIOD_STRIP.sub("", out, count=MAX_PERIODS)
     words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
     words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
@@ -147,13 +144,11 @@ def _prf(reference, prediction):
     """Official calculate_f1score on two raw strings -> (precision, recall, f1)."""
     cand = Counter(normalize_word(prediction).split())
     ref = Counter(normalize_word(reference).split())
-    if not cand or not ref:
-        return 0.0, 0.0, 0.0
     # official quirk: a shared word adds its prediction count to tp, however often the reference has it
     tp = sum(c for w, c in cand.items() if w in ref)
     fp = sum(c for w, c in cand.items() if w not in ref)
     fn = sum(c for w, c in ref.items() if w not in cand)
-    if tp == 0:
+    if tp == 0:  # also when either side has no words
         return 0.0, 0.0, 0.0
     precision, recall = tp / (tp + fp), tp / (tp + fn)
     return precision, recall, 2 * precision * recall / (precision + recall)
@@ -407,13 +402,15 @@ def _rouge_pltrdy(reference, prediction):
     return out
 
 
-def _pairs_nonempty(references, predictions):
-    """Normalised (refs, pred) pairs, dropping samples the official rouge loop skips."""
+def _best_rouge(score_pair, references, predictions):
+    """Mean over samples of each ROUGE F (the best over a sample's references) on normalize_word texts,
+    dropping the samples the official rouge loop skips."""
+    rows = []
     for refs, pred in zip(references, predictions):
-        p = normalize_word(pred)
-        rs = [r for r in (normalize_word(r) for r in refs) if r]
+        p, rs = normalize_word(pred), [r for r in (normalize_word(r) for r in refs) if r]
         if p and rs:
-            yield rs, p
+            rows.append([score_pair(r, p) for r in rs])
+    return {m: _mean([max(s[m] for s in row) for row in rows]) for m in ("rouge1", "rouge2", "rougeL")}
 
 
 def rouge(references, predictions):
@@ -423,8 +420,7 @@ def rouge(references, predictions):
     With several references the best F per metric counts (the official data has one).
     """
     _check(references, predictions, "rouge")
-    rows = [[_rouge_pltrdy(r, p) for r in rs] for rs, p in _pairs_nonempty(references, predictions)]
-    return {m: _mean([max(s[m] for s in row) for row in rows]) for m in ("rouge1", "rouge2", "rougeL")}
+    return _best_rouge(_rouge_pltrdy, references, predictions)
 
 
 _RS_NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -452,8 +448,7 @@ def rouge_google(references, predictions):
     Same inputs, normalisation and skipped samples as `rouge`, so the two are comparable.
     """
     _check(references, predictions, "rouge_google")
-    rows = [[_rouge_google_pair(r, p) for r in rs] for rs, p in _pairs_nonempty(references, predictions)]
-    return {m: _mean([max(s[m] for s in row) for row in rows]) for m in ("rouge1", "rouge2", "rougeL")}
+    return _best_rouge(_rouge_google_pair, references, predictions)
 
 
 # -----------------------------------------------------------------------------------------------

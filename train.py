@@ -114,9 +114,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", help="checkpoint path (default ckpt.pt); its log goes to OUT minus .pt + .jsonl")
     g.add_argument("--resume", help="checkpoint to continue from, exactly (its flags are reused)")
-    g.add_argument("--check-data", action=argparse.BooleanOptionalAction,
-                   help="check every training row (its image's header, its box) before the first step, "
-                        "and stop on any problem (default on; --no-check-data skips it)")
+    g.add_argument("--check-data", action=argparse.BooleanOptionalAction, help="check every training row "
+                   "(its image's header, its box) before the first step, and stop on any problem (default on)")
     g.add_argument("--log-every", type=int, help="steps between JSONL log lines (default 10)")
     g.add_argument("--plot", metavar="LOG", help="only draw the curves of a log (ckpt.jsonl -> ckpt.png); "
                    "every run draws its own at the end")
@@ -473,7 +472,6 @@ def check_data(datasets: dict, rank: int, world: int, shown: int = 20) -> None:
         shares = [None] * world
         dist.all_gather_object(shares, problems)
         problems = [p for share in shares for p in share]
-    rows = sum(len(ds) for ds in datasets.values())
     if problems and rank > 0:
         raise ValueError("the training data has problems (rank 0 lists them)")
     if problems:
@@ -482,7 +480,7 @@ def check_data(datasets: dict, rank: int, world: int, shown: int = 20) -> None:
                          + "\n  ".join(problems[:shown] + more)
                          + "\nfix them, or skip this check with --no-check-data")
     if rank == 0:
-        print(f"checked {rows} training rows of {len(datasets)} datasets in "
+        print(f"checked {sum(map(len, datasets.values()))} training rows of {len(datasets)} datasets in "
               f"{time.perf_counter() - start:.2f} s: no problems")
 
 
@@ -528,7 +526,7 @@ def train_step(run: Run, samples: list) -> tuple:
 def loop(run: Run, stop_at=None) -> dict:
     """Steps until --iters, logging every --log-every steps and saving every --save-every and at
     the end. Ctrl-C / SIGTERM: finish the current step, save, return; a second Ctrl-C aborts."""
-    args, last, window = run.args, None, new_window()
+    args, last, window = run.args, None, []
     bar = tqdm(total=args.iters, initial=run.step, desc="train", disable=not run.main_rank, dynamic_ncols=True)
     with stop_signals(run.main_rank) as stop, open_log(run) as log, bar:
         while run.step < args.iters:
@@ -536,13 +534,13 @@ def loop(run: Run, stop_at=None) -> dict:
             samples = run.mixture.next_batch()  # one dataset, batch_size x grad_accum x world samples
             loss, grad_norm, tokens, routing = train_step(run, samples)
             lr = run.scheduler.get_last_lr()[0]
-            window_add(window, samples[0].task, loss, tokens, time.perf_counter() - t0, routing)
+            window.append((samples[0].task, loss, tokens, time.perf_counter() - t0, routing))
             bar.update(1)
             bar.set_postfix_str(f"{samples[0].task} loss {loss:.3f} lr {lr:.1e} gn {grad_norm:.2f}")
             if log and (run.step % args.log_every == 0 or run.step == args.iters):
                 log.write(json.dumps(window_record(window, run.step, lr, grad_norm, run.device)) + "\n")
                 log.flush()
-                window = new_window()
+                window = []
             stopping = stop_requested(run, stop) or run.step == stop_at
             if run.step == args.iters or stopping or (args.save_every and run.step % args.save_every == 0):
                 last = save(run)
@@ -620,34 +618,24 @@ def cut_log(path: str, step: int) -> None:
         write_jsonl(path, kept)
 
 
-# Log windows: per-task means of the loss and the routing weights over the last log_every steps
+def window_record(window: list, step: int, lr: float, grad_norm: float, device) -> dict:
+    """One log line from the steps since the last, each (task, loss, tokens, seconds, routing): the
+    mean loss, also per task, tokens/s, peak memory, and each task's mean routing weights."""
+    tasks, losses, tokens, seconds, routing = zip(*window)
 
-def new_window() -> dict:
-    return {"steps": 0, "loss": 0.0, "tokens": 0, "seconds": 0.0, "task_loss": {}, "routing": {}}
-
-
-def window_add(w, task, loss, tokens, seconds, routing) -> None:
-    w["steps"] += 1
-    w["loss"] += loss
-    w["tokens"] += tokens
-    w["seconds"] += seconds
-    w["task_loss"].setdefault(task, []).append(loss)
-    if routing is not None:
-        w["routing"].setdefault(task, []).append(routing)
-
-
-def window_record(w, step, lr, grad_norm, device) -> dict:
+    def per_task(values) -> dict:
+        return {t: [v for u, v in zip(tasks, values) if u == t and v is not None] for t in sorted(set(tasks))}
     if device.type == "cuda":
         peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         import resource  # peak resident memory of the process (kilobytes on Linux)
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"step": step, "loss": round(w["loss"] / w["steps"], 5),
-            "task_loss": {t: round(sum(v) / len(v), 5) for t, v in sorted(w["task_loss"].items())},
-            "lr": lr, "grad_norm": round(grad_norm, 5), "tokens_per_s": round(w["tokens"] / w["seconds"], 1),
+    return {"step": step, "loss": round(sum(losses) / len(window), 5),
+            "task_loss": {t: round(sum(v) / len(v), 5) for t, v in per_task(losses).items()},
+            "lr": lr, "grad_norm": round(grad_norm, 5), "tokens_per_s": round(sum(tokens) / sum(seconds), 1),
             "peak_mem_gb": round(peak_gb, 3),
             "routing": {t: [round(x, 4) for x in torch.stack(v).mean(0).tolist()]
-                        for t, v in sorted(w["routing"].items())}}
+                        for t, v in per_task(routing).items() if v}}
 
 
 # -------------------------------------------------------------------------------------------------

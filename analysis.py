@@ -766,11 +766,9 @@ def figure4c(runs: list) -> Image.Image:
     for r in runs:
         if r["routing"] is None:
             continue
-        tasks = list(r["routing"]["tasks"])
-        weights = np.array([r["routing"]["tasks"][t] for t in tasks])
+        tasks, weights = list(r["routing"]["tasks"]), np.array(list(r["routing"]["tasks"].values()))
+        names, per_dataset = list(r["routing"]["datasets"]), np.array(list(r["routing"]["datasets"].values()))
         experts = [f"E{k + 1}" for k in range(weights.shape[1])]
-        names = list(r["routing"]["datasets"])
-        per_dataset = np.array([r["routing"]["datasets"][n] for n in names])
         top = float(max(weights.max(), per_dataset.max()))
         panels.append(stack([
             heatmap(weights, tasks, experts, f"{r['label']}: per task", VIRIDIS, 0.0, top, "expert", "task",
@@ -965,9 +963,7 @@ def analyse_checkpoint(path: str, label: str, config: AnalysisConfig, args) -> d
     """Load one checkpoint (model.UniMed.from_checkpoint), analyse it, free it (so two fit one after
     the other)."""
     ckpt = read_checkpoint(path)
-    root = args.data_root or checkpoint_data_root(ckpt, path)
-    if not root:
-        raise ValueError(f"{path} does not record a data root: name it with --data-root")
+    root = checkpoint_data_root(ckpt, path, args.data_root)
     names = args.datasets.split(",") if args.datasets else None
     datasets = data.load_datasets(root, "train", names=names, train=False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -221,9 +221,7 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = batch_size or (GPU_BATCH_SIZE if device.startswith("cuda") else CPU_BATCH_SIZE)
     demo = ckpt.get("format") == "unimed-ckpt" and bool(ckpt["config"].get("demo"))
-    data_root = data_root or checkpoint_data_root(ckpt, ckpt_path)
-    if not data_root:
-        raise ValueError(f"{ckpt_path} does not record a data root: name it with --data-root")
+    data_root = checkpoint_data_root(ckpt, ckpt_path, data_root)
     out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
                               f"eval_{os.path.splitext(os.path.basename(ckpt_path))[0]}")
     os.makedirs(out, exist_ok=True)

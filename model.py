@@ -311,10 +311,8 @@ class Llama(nn.Module):
         if attention_mask is not None and not attention_mask[:, -1].all():
             raise ValueError("Llama.generate: prompts must be left-padded (attention_mask[:, -1] all 1)")
         device = inputs_embeds.device
-        cache, step_fn = None, None
-        if use_cache:
-            cache = self.kv_cache(B, T + max_new_tokens, device, inputs_embeds.dtype, compile)
-            step_fn = self.decode_function(compile)
+        cache = self.kv_cache(B, T + max_new_tokens, device, inputs_embeds.dtype, compile) if use_cache else None
+        step_fn = self.decode_function(compile) if use_cache else None
         L = cache.k[0].shape[2] if use_cache else T + max_new_tokens
         key_mask = torch.ones(B, L, dtype=torch.bool, device=device)  # [B, L]: False on prompt padding
         if attention_mask is not None:
@@ -871,10 +869,12 @@ def locate(recorded: str, ckpt_path: str) -> str:
     return recorded if os.path.exists(recorded) or os.path.isabs(recorded) or not os.path.exists(beside) else beside
 
 
-def checkpoint_data_root(ckpt: dict, path: str) -> Optional[str]:
-    """The dataset root a checkpoint of ours was trained on (official checkpoints do not record it)."""
+def checkpoint_data_root(ckpt: dict, path: str, given: Optional[str] = None) -> str:
+    """`given` (--data-root), else the dataset root a checkpoint of ours records (an official one has none)."""
     recorded = ckpt.get("config", {}).get("data_root") if ckpt.get("format") == "unimed-ckpt" else None
-    return recorded and locate(recorded, path)
+    if not (given or recorded):
+        raise ValueError(f"{path} does not record a data root: name it with --data-root")
+    return given or locate(recorded, path)
 
 
 def parameter_summary(model: UniMed) -> dict[str, tuple[int, int]]:

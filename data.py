@@ -550,8 +550,7 @@ class Mixture:
         ds = self.datasets[self.names[k]]
         if self.pos[k] + self.batch_size > len(ds):  # drop_last, then a new epoch of this dataset
             self.epoch[k], self.pos[k] = self.epoch[k] + 1, 0
-        order = self._order(k)
-        idx = order[self.pos[k]: self.pos[k] + self.batch_size].tolist()
+        idx = self._order(k)[self.pos[k]: self.pos[k] + self.batch_size].tolist()
         self.pos[k] += self.batch_size
         self.step += 1
         templates = torch.randint(len(ds.templates), (self.batch_size,), generator=self.generator)

@@ -55,7 +55,6 @@ class Batch:
     instructions: list
     answers: list
     task: str
-    samples: list
 
 
 # -------------------------------------------------------------------------------------------------
@@ -583,7 +582,7 @@ def collate(samples: list, image_size: int = 224) -> Batch:
                          f"(samples {[s.id for s in samples]})")
     # one task, so either every sample has an image or none does (QA)
     images = None if samples[0].image is None else torch.stack([preprocess(s.image, image_size) for s in samples])
-    return Batch(images, [s.instruction for s in samples], [s.answer for s in samples], tasks.pop(), samples)
+    return Batch(images, [s.instruction for s in samples], [s.answer for s in samples], tasks.pop())
 
 
 # -------------------------------------------------------------------------------------------------

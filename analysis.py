@@ -273,10 +273,6 @@ def batch_gradient(model, params: list, dataset, plan: list) -> tuple:
     return grads, loss.item(), routing
 
 
-def grad_norm(grads: list) -> float:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
-
-
 def dot(stored: list, grads: list) -> float:
     """sum over parameters of stored . grad, in fp32, CHUNK elements at a time (bounded temporaries)."""
     total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
@@ -317,7 +313,7 @@ def first_pass(model, params: list, datasets: dict, plans: dict, config: Analysi
         weights = []
         for b, batch in enumerate(plan):
             grads, loss, mean_routing = batch_gradient(model, params, datasets[n], batch)
-            norm = grad_norm(grads)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
             if not norm > 0:  # g/||g|| of Eq. 1 is undefined
                 raise ValueError(f"analysis: dataset {n}, sampled batch {b}: the gradient at the "
                                  f"{config.target} is {norm} (a frozen or untrained {config.target}?)")
@@ -763,9 +759,7 @@ def figure4b(runs: list) -> Image.Image:
 
 def figure4c(runs: list) -> Image.Image:
     panels = []
-    for r in runs:
-        if r["routing"] is None:
-            continue
+    for r in [r for r in runs if r["routing"] is not None]:
         tasks, weights = list(r["routing"]["tasks"]), np.array(list(r["routing"]["tasks"].values()))
         names, per_dataset = list(r["routing"]["datasets"]), np.array(list(r["routing"]["datasets"].values()))
         experts = [f"E{k + 1}" for k in range(weights.shape[1])]
@@ -779,11 +773,8 @@ def figure4c(runs: list) -> Image.Image:
 
 
 def figure5(runs: list) -> Image.Image:
-    rows = []
-    for r in runs:
-        t = r["tsne"]
-        rows.append(stack([scatter(t["before"], t["tasks"], f"{r['label']}: before the connector"),
-                           scatter(t["after"], t["tasks"], f"{r['label']}: after the connector")], horizontal=True))
+    rows = [stack([scatter(r["tsne"][side], r["tsne"]["tasks"], f"{r['label']}: {side} the connector")
+                   for side in ("before", "after")], horizontal=True) for r in runs]
     tasks = [t for t in TASKS if any(t in r["tsne"]["tasks"] for r in runs)]
     return stack([stack(rows, horizontal=False), legend(tasks)], horizontal=True,
                  title="t-SNE of visual features, mean-pooled over tokens (Figure 5)")

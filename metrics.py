@@ -325,13 +325,10 @@ def corpus_bleu(references, predictions):
     """pycocoevalcap Bleu(4).compute_score on PTB-tokenised texts -> corpus BLEU-1..4."""
     _check(references, predictions, "corpus_bleu")
     tiny, small = 1e-15, 1e-9  # pycocoevalcap's constants: 0 matches still give ~0, never 0/0
-    test_len = ref_len = 0
-    guess, correct = [0] * 4, [0] * 4
-    for refs, pred in zip(references, predictions):
-        t, r, g, c = _bleu_stats([ptb_tokenize(x).split() for x in refs], ptb_tokenize(pred).split())
-        test_len, ref_len = test_len + t, ref_len + r
-        guess = [a + b for a, b in zip(guess, g)]
-        correct = [a + b for a, b in zip(correct, c)]
+    stats = [_bleu_stats([ptb_tokenize(x).split() for x in refs], ptb_tokenize(pred).split())
+             for refs, pred in zip(references, predictions)]  # (testlen, reflen, guess, correct) per sample
+    test_len, ref_len = sum(s[0] for s in stats), sum(s[1] for s in stats)  # corpus-level: summed
+    guess, correct = [sum(s[2][k] for s in stats) for k in range(4)], [sum(s[3][k] for s in stats) for k in range(4)]
     scores, bleu = {}, 1.0
     ratio = (test_len + tiny) / (ref_len + small)
     for k in range(4):

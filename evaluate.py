@@ -363,13 +363,6 @@ def draw_box(image: Image.Image, box, scale: float = 1.0) -> Image.Image:
     return out
 
 
-def box_picture(image: Image.Image, grid_box: tuple) -> Image.Image:
-    """The original image (reduced to DISPLAY pixels if larger) with a 0-100 grid box drawn, scaled
-    to pixels as evaluation scales a predicted box (metrics.grid_to_pixels)."""
-    shown, scale = resized(image, DISPLAY) if max(image.size) > DISPLAY else (image, 1.0)
-    return draw_box(shown, metrics.grid_to_pixels(grid_box, image.size), scale)
-
-
 def routing_figure(image: Image.Image, weights: torch.Tensor, title: str, grid_box=None) -> Image.Image:
     """The image, then one translucent panel per expert: its weight on every patch, on one colour
     scale from 0 to the largest weight, with its mean weight over the image in the title."""
@@ -404,8 +397,9 @@ def ask(model: UniMed, image: Optional[Image.Image], line: str, task: str, out_d
     if image is None:
         return r
     pictures = {}
-    if box is not None:
-        pictures["box"] = box_picture(image, box)
+    if box is not None:  # on the image reduced to DISPLAY pixels if larger, scaled as evaluation scales a box
+        shown, scale = resized(image, DISPLAY) if max(image.size) > DISPLAY else (image, 1.0)
+        pictures["box"] = draw_box(shown, metrics.grid_to_pixels(box, image.size), scale)
     weights = routing_map(model, batch.images, task)
     if weights is not None:
         short = question if len(question) <= 60 else question[:57] + "..."

@@ -169,8 +169,7 @@ def tsne(x: np.ndarray, perplexity: float = 30.0, iters: int = 1000, seed: int =
     p = affinities(dist, min(perplexity, (n - 1) / 3))
     p = np.maximum((p + p.T) / (2 * n), 1e-12)  # joint probabilities, symmetric
 
-    rng = np.random.default_rng(seed)
-    y = rng.normal(0, 1e-4, (n, 2))
+    y = np.random.default_rng(seed).normal(0, 1e-4, (n, 2))
     update, gains = np.zeros_like(y), np.ones_like(y)
     lr = max(n / 12 / 4, 50.0)  # sklearn's "auto" learning rate
     for it in tqdm(range(iters), desc=progress or "t-SNE", leave=False, disable=progress is None):
@@ -262,8 +261,7 @@ def batch_gradient(model, params: list, dataset, plan: list) -> tuple:
     """One sampled batch through the model -> (gradient per parameter (fp32), loss, mean routing
     weight per expert [N] or None)."""
     batch = data.collate([dataset.get(i, t) for i, t in plan], image_size=model.image_size)
-    device = params[0][1].device
-    images = None if batch.images is None else batch.images.to(device)
+    images = None if batch.images is None else batch.images.to(params[0][1].device)
     for _, p in params:
         p.grad = None
     loss, routing = model(images, batch.instructions, batch.answers, batch.task)  # autocasts itself
@@ -674,8 +672,7 @@ def scatter(points, tasks: list, title: str, size: int = 340) -> Image.Image:
     p = np.asarray(points, dtype=float)
     p = (p - p.min(0)) / np.maximum(p.max(0) - p.min(0), 1e-12)  # [0, 1]^2
     for (x, y), t in zip(p, tasks):
-        cx, cy = left + 8 + x * (size - 16), top + 8 + (1 - y) * (size - 16)
-        marker(draw, cx, cy, t)
+        marker(draw, left + 8 + x * (size - 16), top + 8 + (1 - y) * (size - 16), t)
     return img
 
 

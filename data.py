@@ -233,8 +233,7 @@ class TaskDataset(torch.utils.data.Dataset):
         return Image.fromarray(images[index]).convert("RGB")
 
     def check_box(self, row, size) -> None:
-        x, y, w, h = row.box
-        W, H = size
+        (x, y, w, h), (W, H) = row.box, size
         # 1 pixel of slack: pixel-inclusive annotations can end at W or H exactly
         if x < 0 or y < 0 or w < 0 or h < 0 or x + w > W + 1 or y + h > H + 1:
             raise ValueError(f"{self.name}: {row.where}: box [x, y, w, h] = {row.box} lies "

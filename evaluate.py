@@ -126,8 +126,7 @@ def evaluate_dataset(model: UniMed, name: str, dataset, out_dir: str, batch_size
             indices = [i for i in range(start, min(start + batch_size, n)) if i in todo]
             if not indices:
                 continue
-            samples = [dataset[i] for i in indices]
-            new = generate_batch(model, samples, compile, official_prompt)
+            new = generate_batch(model, [dataset[i] for i in indices], compile, official_prompt)
             f.write("".join(json.dumps(r) + "\n" for r in new))
             f.flush()
             os.fsync(f.fileno())

@@ -476,8 +476,7 @@ def iou(box_a, box_b, pixel_inclusive=True):
     directions has a positive area. The official numbers include such boxes, so we keep the formula.
     Only a zero union, where computeIoU would divide by zero and stop, scores 0 here.
     """
-    ax1, ay1, ax2, ay2 = box_a
-    bx1, by1, bx2, by2 = box_b
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = box_a, box_b
     e = 1 if pixel_inclusive else 0
     inter = max(0, min(ax2, bx2) - max(ax1, bx1) + e) * max(0, min(ay2, by2) - max(ay1, by1) + e)
     union = (ax2 - ax1 + e) * (ay2 - ay1 + e) + (bx2 - bx1 + e) * (by2 - by1 + e) - inter

@@ -690,9 +690,8 @@ def plan_batch(batch_size: int, image_size: int, text_tokens: int, device):
 def plan_step(model: UniMed, optimizer, batch, phase=lambda name: None) -> None:
     """The work of one train.py step on one micro-batch: forward, backward, gradient norm, AdamW.
     `phase(name)` is called as each part begins."""
-    images, instructions, answers = batch
     phase("forward")
-    loss, _ = model(images, instructions, answers, "caption")
+    loss, _ = model(*batch, "caption")  # batch: images, instructions, answers
     phase("backward")
     loss.backward()
     del loss

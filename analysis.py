@@ -121,11 +121,6 @@ def tug_of_war(gd: torch.Tensor, gm: torch.Tensor) -> torch.Tensor:
     return (gd * gm).sum(1)
 
 
-def max_normalise(values: torch.Tensor) -> torch.Tensor:
-    """Section 4.3: indexes compared across models are divided by their largest magnitude."""
-    return values / values.abs().max()
-
-
 def statistics_score(task_grads: torch.Tensor) -> torch.Tensor:
     """Eq. 5: |sum_t g_t| / sum_t |g_t| per parameter, from the tasks' mean gradients [T, ...] -> [...].
     1: every task pushes the parameter the same way; 0: they cancel. NaN where no task moves it."""
@@ -174,8 +169,7 @@ def tsne(x: np.ndarray, perplexity: float = 30.0, iters: int = 1000, seed: int =
     p = affinities(dist, min(perplexity, (n - 1) / 3))
     p = np.maximum((p + p.T) / (2 * n), 1e-12)  # joint probabilities, symmetric
 
-    rng = np.random.default_rng(seed)
-    y = rng.normal(0, 1e-4, (n, 2))
+    y = np.random.default_rng(seed).normal(0, 1e-4, (n, 2))
     update, gains = np.zeros_like(y), np.ones_like(y)
     lr = max(n / 12 / 4, 50.0)  # sklearn's "auto" learning rate
     for it in tqdm(range(iters), desc=progress or "t-SNE", leave=False, disable=progress is None):
@@ -267,8 +261,7 @@ def batch_gradient(model, params: list, dataset, plan: list) -> tuple:
     """One sampled batch through the model -> (gradient per parameter (fp32), loss, mean routing
     weight per expert [N] or None)."""
     batch = data.collate([dataset.get(i, t) for i, t in plan], image_size=model.image_size)
-    device = params[0][1].device
-    images = None if batch.images is None else batch.images.to(device)
+    images = None if batch.images is None else batch.images.to(params[0][1].device)
     for _, p in params:
         p.grad = None
     loss, routing = model(images, batch.instructions, batch.answers, batch.task)  # autocasts itself
@@ -276,10 +269,6 @@ def batch_gradient(model, params: list, dataset, plan: list) -> tuple:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
     routing = None if routing is None else routing.float().mean((0, 1)).cpu()  # [N]
     return grads, loss.item(), routing
-
-
-def grad_norm(grads: list) -> float:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
 
 
 def dot(stored: list, grads: list) -> float:
@@ -322,7 +311,7 @@ def first_pass(model, params: list, datasets: dict, plans: dict, config: Analysi
         weights = []
         for b, batch in enumerate(plan):
             grads, loss, mean_routing = batch_gradient(model, params, datasets[n], batch)
-            norm = grad_norm(grads)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
             if not norm > 0:  # g/||g|| of Eq. 1 is undefined
                 raise ValueError(f"analysis: dataset {n}, sampled batch {b}: the gradient at the "
                                  f"{config.target} is {norm} (a frozen or untrained {config.target}?)")
@@ -349,13 +338,12 @@ def first_pass(model, params: list, datasets: dict, plans: dict, config: Analysi
 def second_pass(model, params: list, datasets: dict, plans: dict, units: dict) -> dict:
     """The same batches again: each gradient's dot product with every dataset's E[g/||g||] (Eq. 1)."""
     dots = {n: [] for n in plans}
-    bar = tqdm(total=sum(map(len, plans.values())), desc="gradients, pass 2/2", unit="batch", dynamic_ncols=True)
-    for n, plan in plans.items():
-        for batch in plan:
-            grads, _, _ = batch_gradient(model, params, datasets[n], batch)
-            dots[n].append([dot(units[j], grads) for j in plans])  # [K] per batch
-            bar.update()
-    bar.close()
+    with tqdm(total=sum(map(len, plans.values())), desc="gradients, pass 2/2", unit="batch", dynamic_ncols=True) as bar:
+        for n, plan in plans.items():
+            for batch in plan:
+                grads, _, _ = batch_gradient(model, params, datasets[n], batch)
+                dots[n].append([dot(units[j], grads) for j in plans])  # [K] per batch
+                bar.update()
     return dots
 
 
@@ -684,8 +672,7 @@ def scatter(points, tasks: list, title: str, size: int = 340) -> Image.Image:
     p = np.asarray(points, dtype=float)
     p = (p - p.min(0)) / np.maximum(p.max(0) - p.min(0), 1e-12)  # [0, 1]^2
     for (x, y), t in zip(p, tasks):
-        cx, cy = left + 8 + x * (size - 16), top + 8 + (1 - y) * (size - 16)
-        marker(draw, cx, cy, t)
+        marker(draw, left + 8 + x * (size - 16), top + 8 + (1 - y) * (size - 16), t)
     return img
 
 
@@ -738,20 +725,18 @@ def stack(images: list, horizontal: bool, title: Optional[str] = None, gap: int 
 
 def figure2(runs: list, level: str) -> Image.Image:
     """Figure 2: GD (Eq. 2) and GM (Eq. 3) between datasets (or tasks), one row per checkpoint."""
-    rows = []
+    rows, what = [], "dataset" if level == "by_dataset" else "task"
     for r in runs:
         c = r[level]
         gd = np.asarray(c["gd"], dtype=float)  # None (from JSON) -> nan
         reach = max([1.0] + [abs(v) for v in gd.flatten() if np.isfinite(v)])  # symmetric scale, at least +-1
-        what = "dataset" if level == "by_dataset" else "task"
         rows.append(stack([
             heatmap(gd, c["labels"], c["labels"], f"{r['label']}: gradient direction GD (Eq. 2)", DIVERGING,
                     -reach, reach, f"j: {what} whose normalised step is taken", f"i: {what} whose loss changes",
                     "GD_ij"),
             heatmap(c["gm"], c["labels"], c["labels"], f"{r['label']}: gradient magnitude GM (Eq. 3)", VIRIDIS,
                     0.0, 1.0, what, what, "GM_ij")], horizontal=True))
-    what = "datasets" if level == "by_dataset" else "tasks"
-    return stack(rows, horizontal=False, title=f"Gradient conflict between {what} at the {runs[0]['target']} "
+    return stack(rows, horizontal=False, title=f"Gradient conflict between {what}s at the {runs[0]['target']} "
                                                f"(Figure 2)")
 
 
@@ -771,14 +756,10 @@ def figure4b(runs: list) -> Image.Image:
 
 def figure4c(runs: list) -> Image.Image:
     panels = []
-    for r in runs:
-        if r["routing"] is None:
-            continue
-        tasks = list(r["routing"]["tasks"])
-        weights = np.array([r["routing"]["tasks"][t] for t in tasks])
+    for r in [r for r in runs if r["routing"] is not None]:
+        tasks, weights = list(r["routing"]["tasks"]), np.array(list(r["routing"]["tasks"].values()))
+        names, per_dataset = list(r["routing"]["datasets"]), np.array(list(r["routing"]["datasets"].values()))
         experts = [f"E{k + 1}" for k in range(weights.shape[1])]
-        names = list(r["routing"]["datasets"])
-        per_dataset = np.array([r["routing"]["datasets"][n] for n in names])
         top = float(max(weights.max(), per_dataset.max()))
         panels.append(stack([
             heatmap(weights, tasks, experts, f"{r['label']}: per task", VIRIDIS, 0.0, top, "expert", "task",
@@ -789,11 +770,8 @@ def figure4c(runs: list) -> Image.Image:
 
 
 def figure5(runs: list) -> Image.Image:
-    rows = []
-    for r in runs:
-        t = r["tsne"]
-        rows.append(stack([scatter(t["before"], t["tasks"], f"{r['label']}: before the connector"),
-                           scatter(t["after"], t["tasks"], f"{r['label']}: after the connector")], horizontal=True))
+    rows = [stack([scatter(r["tsne"][side], r["tsne"]["tasks"], f"{r['label']}: {side} the connector")
+                   for side in ("before", "after")], horizontal=True) for r in runs]
     tasks = [t for t in TASKS if any(t in r["tsne"]["tasks"] for r in runs)]
     return stack([stack(rows, horizontal=False), legend(tasks)], horizontal=True,
                  title="t-SNE of visual features, mean-pooled over tokens (Figure 5)")
@@ -951,12 +929,8 @@ def main(argv=None):
                                 samples_per_task=args.samples_per_task, seed=args.seed)
         runs = []
         for path, label in zip(args.inputs, labels):
-            if path.endswith(".json"):
-                earlier = load_runs(path)
-                if label:
-                    for r in earlier:
-                        r["label"] = label
-                runs += earlier
+            if path.endswith(".json"):  # an earlier run keeps its saved label unless --labels renames it
+                runs += [{**r, "label": label} if label else r for r in load_runs(path)]
             else:
                 runs.append(analyse_checkpoint(path, label, config, args))
         report(runs, args.out)
@@ -977,9 +951,7 @@ def analyse_checkpoint(path: str, label: str, config: AnalysisConfig, args) -> d
     """Load one checkpoint (model.UniMed.from_checkpoint), analyse it, free it (so two fit one after
     the other)."""
     ckpt = read_checkpoint(path)
-    root = args.data_root or checkpoint_data_root(ckpt, path)
-    if not root:
-        raise ValueError(f"{path} does not record a data root: name it with --data-root")
+    root = checkpoint_data_root(ckpt, path, args.data_root)
     names = args.datasets.split(",") if args.datasets else None
     datasets = data.load_datasets(root, "train", names=names, train=False)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -55,7 +55,6 @@ class Batch:
     instructions: list
     answers: list
     task: str
-    samples: list
 
 
 # -------------------------------------------------------------------------------------------------
@@ -234,8 +233,7 @@ class TaskDataset(torch.utils.data.Dataset):
         return Image.fromarray(images[index]).convert("RGB")
 
     def check_box(self, row, size) -> None:
-        x, y, w, h = row.box
-        W, H = size
+        (x, y, w, h), (W, H) = row.box, size
         # 1 pixel of slack: pixel-inclusive annotations can end at W or H exactly
         if x < 0 or y < 0 or w < 0 or h < 0 or x + w > W + 1 or y + h > H + 1:
             raise ValueError(f"{self.name}: {row.where}: box [x, y, w, h] = {row.box} lies "
@@ -249,17 +247,14 @@ class TaskDataset(torch.utils.data.Dataset):
         is shared by all rows, so an image that many rows ask about is read and reported once."""
         if not isinstance(row.image, str):
             return None
-        if row.image not in sizes:
-            sizes[row.image] = None
-            try:
+        try:
+            if row.image not in sizes:
+                sizes[row.image] = None  # until it is read: a problem is reported by the first row only
                 sizes[row.image] = self.image_file(row, files.read_image_size)
-            except (ValueError, OSError) as e:
-                return str(e)
-        if sizes[row.image] is not None and row.box is not None:
-            try:
+            if sizes[row.image] is not None and row.box is not None:
                 self.check_box(row, sizes[row.image])
-            except ValueError as e:
-                return str(e)
+        except (ValueError, OSError) as e:
+            return str(e)
         return None
 
     def get(self, i, template: Optional[int] = None) -> Sample:
@@ -553,8 +548,7 @@ class Mixture:
         ds = self.datasets[self.names[k]]
         if self.pos[k] + self.batch_size > len(ds):  # drop_last, then a new epoch of this dataset
             self.epoch[k], self.pos[k] = self.epoch[k] + 1, 0
-        order = self._order(k)
-        idx = order[self.pos[k]: self.pos[k] + self.batch_size].tolist()
+        idx = self._order(k)[self.pos[k]: self.pos[k] + self.batch_size].tolist()
         self.pos[k] += self.batch_size
         self.step += 1
         templates = torch.randint(len(ds.templates), (self.batch_size,), generator=self.generator)
@@ -587,7 +581,7 @@ def collate(samples: list, image_size: int = 224) -> Batch:
                          f"(samples {[s.id for s in samples]})")
     # one task, so either every sample has an image or none does (QA)
     images = None if samples[0].image is None else torch.stack([preprocess(s.image, image_size) for s in samples])
-    return Batch(images, [s.instruction for s in samples], [s.answer for s in samples], tasks.pop(), samples)
+    return Batch(images, [s.instruction for s in samples], [s.answer for s in samples], tasks.pop())
 
 
 # -------------------------------------------------------------------------------------------------

@@ -90,23 +90,17 @@ NAMES = {"slake_vqa": "Slake-VQA", "path_vqa": "Path-VQA", "mimic_cxr": "MIMIC-C
          "dermamnist": "DermaMNIST", "organsmnist": "OrganSMNIST", "slake_rec": "Slake-REC",
          "sa_med2d_rec": "SA-Med2D-REC", "slake_reg": "Slake-REG", "sa_med2d_reg": "SA-Med2D-REG",
          "medqa": "MedQA", "pubmedqa": "PubMedQA"}
-RG = [("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
-      ("rougeL", "ROUGE-L"), ("meteor", "METEOR")]
-TABLES = [  # (title, [(dataset, [(metric, column label)])])
-    ("Table 3: VQA and classification", [
-        ("slake_vqa", [("bleu1", "BLEU-1"), ("f1", "F1")]),
-        ("path_vqa", [("bleu1", "BLEU-1"), ("f1", "F1")]),
-        ("dermamnist", [("acc", "Acc")]),
-        ("organsmnist", [("acc", "Acc")])]),
+BLEU1, F1, ACC = ("bleu1", "BLEU-1"), ("f1", "F1"), ("acc", "Acc")  # (metric, column label)
+VQA, REC, REG, QA = [BLEU1, F1], [("iou", "IoU"), ("r@0.5", "R@0.5")], [BLEU1, F1, ACC], [ACC, F1]
+RG = [BLEU1, ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"),
+      ("meteor", "METEOR")]
+TABLES = [  # (title, [(dataset, its columns)])
+    ("Table 3: VQA and classification", [("slake_vqa", VQA), ("path_vqa", VQA), ("dermamnist", [ACC]),
+                                         ("organsmnist", [ACC])]),
     ("Table 3: report generation", [("mimic_cxr", RG), ("medpix", RG)]),
-    ("Table 6: referring expression comprehension (REC) and generation (REG)", [
-        ("slake_rec", [("iou", "IoU"), ("r@0.5", "R@0.5")]),
-        ("sa_med2d_rec", [("iou", "IoU"), ("r@0.5", "R@0.5")]),
-        ("slake_reg", [("bleu1", "BLEU-1"), ("f1", "F1"), ("acc", "Acc")]),
-        ("sa_med2d_reg", [("bleu1", "BLEU-1"), ("f1", "F1"), ("acc", "Acc")])]),
-    ("Question answering (not evaluated in the paper)", [
-        ("medqa", [("acc", "Acc"), ("f1", "F1")]),
-        ("pubmedqa", [("acc", "Acc"), ("f1", "F1")])]),
+    ("Table 6: referring expression comprehension (REC) and generation (REG)",
+     [("slake_rec", REC), ("sa_med2d_rec", REC), ("slake_reg", REG), ("sa_med2d_reg", REG)]),
+    ("Question answering (not evaluated in the paper)", [("medqa", QA), ("pubmedqa", QA)]),
 ]
 
 
@@ -126,20 +120,18 @@ def evaluate_dataset(model: UniMed, name: str, dataset, out_dir: str, batch_size
     done = {r["id"] for r in records}
     todo = {i for i in range(n) if ids[i] not in done}
     bar = tqdm(total=n, initial=n - len(todo), desc=name, unit="sample", dynamic_ncols=True)
-    with open(path, "a") as f:
+    with open(path, "a") as f, bar:
         # Batches are cut from the full sample order, so a resumed run batches as an uninterrupted one
         for start in range(0, n, batch_size):
             indices = [i for i in range(start, min(start + batch_size, n)) if i in todo]
             if not indices:
                 continue
-            samples = [dataset[i] for i in indices]
-            new = generate_batch(model, samples, compile, official_prompt)
+            new = generate_batch(model, [dataset[i] for i in indices], compile, official_prompt)
             f.write("".join(json.dumps(r) + "\n" for r in new))
             f.flush()
             os.fsync(f.fileno())
             records += new
             bar.update(len(new))
-    bar.close()
     order = {sample_id: i for i, sample_id in enumerate(ids)}
     return sorted((r for r in records if r["id"] in order), key=lambda r: order[r["id"]])
 
@@ -162,8 +154,6 @@ def generate_batch(model: UniMed, samples: list, compile: bool = False, official
     batch, outputs = answer_batch(model, samples, compile, official_prompt)
     records = []
     for s, out in zip(samples, outputs):
-        # The official cleaning of each task (metrics.clean_prediction); a REC answer must then
-        # start with the box (data.parse_box).
         r = {"id": s.id, "task": batch.task, "prompt": build_prompt(s.instruction, s.image is not None, train=False),
              "official_prompt": official_prompt, "output": out,
              "prediction": metrics.clean_prediction(out, batch.task), "reference": s.answer}
@@ -230,9 +220,7 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = batch_size or (GPU_BATCH_SIZE if device.startswith("cuda") else CPU_BATCH_SIZE)
     demo = ckpt.get("format") == "unimed-ckpt" and bool(ckpt["config"].get("demo"))
-    data_root = data_root or checkpoint_data_root(ckpt, ckpt_path)
-    if not data_root:
-        raise ValueError(f"{ckpt_path} does not record a data root: name it with --data-root")
+    data_root = checkpoint_data_root(ckpt, ckpt_path, data_root)
     out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
                               f"eval_{os.path.splitext(os.path.basename(ckpt_path))[0]}")
     os.makedirs(out, exist_ok=True)
@@ -374,13 +362,6 @@ def draw_box(image: Image.Image, box, scale: float = 1.0) -> Image.Image:
     return out
 
 
-def box_picture(image: Image.Image, grid_box: tuple) -> Image.Image:
-    """The original image (reduced to DISPLAY pixels if larger) with a 0-100 grid box drawn, scaled
-    to pixels as evaluation scales a predicted box (metrics.grid_to_pixels)."""
-    shown, scale = resized(image, DISPLAY) if max(image.size) > DISPLAY else (image, 1.0)
-    return draw_box(shown, metrics.grid_to_pixels(grid_box, image.size), scale)
-
-
 def routing_figure(image: Image.Image, weights: torch.Tensor, title: str, grid_box=None) -> Image.Image:
     """The image, then one translucent panel per expert: its weight on every patch, on one colour
     scale from 0 to the largest weight, with its mean weight over the image in the title."""
@@ -415,8 +396,9 @@ def ask(model: UniMed, image: Optional[Image.Image], line: str, task: str, out_d
     if image is None:
         return r
     pictures = {}
-    if box is not None:
-        pictures["box"] = box_picture(image, box)
+    if box is not None:  # on the image reduced to DISPLAY pixels if larger, scaled as evaluation scales a box
+        shown, scale = resized(image, DISPLAY) if max(image.size) > DISPLAY else (image, 1.0)
+        pictures["box"] = draw_box(shown, metrics.grid_to_pixels(box, image.size), scale)
     weights = routing_map(model, batch.images, task)
     if weights is not None:
         short = question if len(question) <= 60 else question[:57] + "..."

@@ -572,13 +572,8 @@ def segment_stats(references, prediction, data, cfg=MeteorConfig()):
     """Statistics of one prediction against its best reference (highest score, first on ties);
     texts go through METEOR's own `-norm` tokenisation."""
     test = tokenize(prediction, data.prefixes)
-    best, best_score = None, -1.0
-    for ref in references:
-        stats = _stats(test, tokenize(ref, data.prefixes), data, cfg)
-        s = score(stats, cfg)
-        if s > best_score:
-            best, best_score = stats, s
-    return best
+    candidates = (_stats(test, tokenize(ref, data.prefixes), data, cfg) for ref in references)
+    return max(candidates, key=lambda stats: score(stats, cfg), default=None)  # max keeps the first of ties
 
 
 def corpus_score(all_stats, cfg=MeteorConfig()):

@@ -116,10 +116,7 @@ def normalize_word(text):
     has_digit_comma = COMMA_STRIP.search(text) is not None
     for p in PUNCT:
         # the test looks at the *original* text, the replacement works on the running copy
-        if p + " " in text or " " + p in text or has_digit_comma:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
+        out = out.replace(p, "" if p + " " in text or " " + p in text or has_digit_comma else " ")
     out = PERIOD_STRIP.sub("", out, count=MAX_PERIODS)
     words = [NUMBER_WORDS.get(w, w) for w in out.lower().split()]
     words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
@@ -147,13 +144,11 @@ def _prf(reference, prediction):
     """Official calculate_f1score on two raw strings -> (precision, recall, f1)."""
     cand = Counter(normalize_word(prediction).split())
     ref = Counter(normalize_word(reference).split())
-    if not cand or not ref:
-        return 0.0, 0.0, 0.0
     # official quirk: a shared word adds its prediction count to tp, however often the reference has it
     tp = sum(c for w, c in cand.items() if w in ref)
     fp = sum(c for w, c in cand.items() if w not in ref)
     fn = sum(c for w, c in ref.items() if w not in cand)
-    if tp == 0:
+    if tp == 0:  # also when either side has no words
         return 0.0, 0.0, 0.0
     precision, recall = tp / (tp + fp), tp / (tp + fn)
     return precision, recall, 2 * precision * recall / (precision + recall)
@@ -330,13 +325,10 @@ def corpus_bleu(references, predictions):
     """pycocoevalcap Bleu(4).compute_score on PTB-tokenised texts -> corpus BLEU-1..4."""
     _check(references, predictions, "corpus_bleu")
     tiny, small = 1e-15, 1e-9  # pycocoevalcap's constants: 0 matches still give ~0, never 0/0
-    test_len = ref_len = 0
-    guess, correct = [0] * 4, [0] * 4
-    for refs, pred in zip(references, predictions):
-        t, r, g, c = _bleu_stats([ptb_tokenize(x).split() for x in refs], ptb_tokenize(pred).split())
-        test_len, ref_len = test_len + t, ref_len + r
-        guess = [a + b for a, b in zip(guess, g)]
-        correct = [a + b for a, b in zip(correct, c)]
+    stats = [_bleu_stats([ptb_tokenize(x).split() for x in refs], ptb_tokenize(pred).split())
+             for refs, pred in zip(references, predictions)]  # (testlen, reflen, guess, correct) per sample
+    test_len, ref_len = sum(s[0] for s in stats), sum(s[1] for s in stats)  # corpus-level: summed
+    guess, correct = [sum(s[2][k] for s in stats) for k in range(4)], [sum(s[3][k] for s in stats) for k in range(4)]
     scores, bleu = {}, 1.0
     ratio = (test_len + tiny) / (ref_len + small)
     for k in range(4):
@@ -407,13 +399,15 @@ def _rouge_pltrdy(reference, prediction):
     return out
 
 
-def _pairs_nonempty(references, predictions):
-    """Normalised (refs, pred) pairs, dropping samples the official rouge loop skips."""
+def _best_rouge(score_pair, references, predictions):
+    """Mean over samples of each ROUGE F (the best over a sample's references) on normalize_word texts,
+    dropping the samples the official rouge loop skips."""
+    rows = []
     for refs, pred in zip(references, predictions):
-        p = normalize_word(pred)
-        rs = [r for r in (normalize_word(r) for r in refs) if r]
+        p, rs = normalize_word(pred), [r for r in (normalize_word(r) for r in refs) if r]
         if p and rs:
-            yield rs, p
+            rows.append([score_pair(r, p) for r in rs])
+    return {m: _mean([max(s[m] for s in row) for row in rows]) for m in ("rouge1", "rouge2", "rougeL")}
 
 
 def rouge(references, predictions):
@@ -423,8 +417,7 @@ def rouge(references, predictions):
     With several references the best F per metric counts (the official data has one).
     """
     _check(references, predictions, "rouge")
-    rows = [[_rouge_pltrdy(r, p) for r in rs] for rs, p in _pairs_nonempty(references, predictions)]
-    return {m: _mean([max(s[m] for s in row) for row in rows]) for m in ("rouge1", "rouge2", "rougeL")}
+    return _best_rouge(_rouge_pltrdy, references, predictions)
 
 
 _RS_NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -452,8 +445,7 @@ def rouge_google(references, predictions):
     Same inputs, normalisation and skipped samples as `rouge`, so the two are comparable.
     """
     _check(references, predictions, "rouge_google")
-    rows = [[_rouge_google_pair(r, p) for r in rs] for rs, p in _pairs_nonempty(references, predictions)]
-    return {m: _mean([max(s[m] for s in row) for row in rows]) for m in ("rouge1", "rouge2", "rougeL")}
+    return _best_rouge(_rouge_google_pair, references, predictions)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -484,8 +476,7 @@ def iou(box_a, box_b, pixel_inclusive=True):
     directions has a positive area. The official numbers include such boxes, so we keep the formula.
     Only a zero union, where computeIoU would divide by zero and stop, scores 0 here.
     """
-    ax1, ay1, ax2, ay2 = box_a
-    bx1, by1, bx2, by2 = box_b
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = box_a, box_b
     e = 1 if pixel_inclusive else 0
     inter = max(0, min(ax2, bx2) - max(ax1, bx1) + e) * max(0, min(ay2, by2) - max(ay1, by1) + e)
     union = (ax2 - ax1 + e) * (ay2 - ay1 + e) + (bx2 - bx1 + e) * (by2 - by1 + e) - inter

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from safetensors.torch import save_file
 from cmoe import Connector, ConnectorConfig
 from files import load_safetensors, read_json, read_sentencepiece, read_torch, write_json
-from lora import apply_lora
+from lora import TARGETS as LORA_TARGETS, apply_lora
 from vision import EVAConfig, EVAViT
 
 
@@ -311,10 +311,8 @@ class Llama(nn.Module):
         if attention_mask is not None and not attention_mask[:, -1].all():
             raise ValueError("Llama.generate: prompts must be left-padded (attention_mask[:, -1] all 1)")
         device = inputs_embeds.device
-        cache, step_fn = None, None
-        if use_cache:
-            cache = self.kv_cache(B, T + max_new_tokens, device, inputs_embeds.dtype, compile)
-            step_fn = self.decode_function(compile)
+        cache = self.kv_cache(B, T + max_new_tokens, device, inputs_embeds.dtype, compile) if use_cache else None
+        step_fn = self.decode_function(compile) if use_cache else None
         L = cache.k[0].shape[2] if use_cache else T + max_new_tokens
         key_mask = torch.ones(B, L, dtype=torch.bool, device=device)  # [B, L]: False on prompt padding
         if attention_mask is not None:
@@ -658,14 +656,10 @@ class UniMed(nn.Module):
         rows = []
         for i, instruction in enumerate(instructions):
             prompt = build_prompt(instruction, image_embeds is not None, train)
-            if image_embeds is None:
-                row = self.embed_ids(self.tokenizer.encode(prompt, bos=False))
-            else:
-                before, after = prompt.split("<ImageHere>")
-                image = image_embeds[i].to(self.llama.embed.weight.dtype)
-                row = torch.cat([self.embed_ids(self.tokenizer.encode(before, bos=False)), image,
-                                 self.embed_ids(self.tokenizer.encode(after, bos=False))])
-            rows.append(row[: self.config.max_context_len])  # the official cap on the context
+            parts = [self.embed_ids(self.tokenizer.encode(text, bos=False)) for text in prompt.split("<ImageHere>")]
+            if image_embeds is not None:  # [before, image, after]
+                parts.insert(1, image_embeds[i].to(self.llama.embed.weight.dtype))
+            rows.append(torch.cat(parts)[: self.config.max_context_len])  # the official cap on the context
         return rows
 
     def training_inputs(self, images: Optional[torch.Tensor], instructions: list[str], answers: list[str],
@@ -797,8 +791,7 @@ def official_config(ckpt: dict, path: str) -> dict:
     if moe and model.get("num_task_tokens", 10) != 1:
         raise ValueError(f"{path}: official num_task_tokens {model.get('num_task_tokens')} is not "
                          f"supported (the official encode_img only works with 1)")
-    if model.get("lora_target_modules") not in (["all"], ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                          "gate_proj", "up_proj", "down_proj"]):
+    if model.get("lora_target_modules") not in (["all"], list(LORA_TARGETS)):
         raise ValueError(f"{path}: official lora_target_modules {model.get('lora_target_modules')} "
                          f"is not supported (only 'all')")
     connector = {
@@ -847,14 +840,9 @@ def official_to_ours(state: dict, config: UniMedConfig, path: str = "checkpoint"
             layer, block, proj, ab = m_lora.groups()
             block = "attn" if block == "self_attn" else "mlp"
             ours[f"llama.layers.{layer}.{block}.{proj}.lora_{ab}.weight"] = t
-        elif key.startswith("task_tokens."):
-            if c.uses_task_tokens:
-                ours[f"connector.{key}"] = t  # [1, 1, task_token_c]
-            else:
-                unused.append(key)
-        elif key.startswith("router."):
-            if c.uses_router_network:
-                ours[f"connector.{key}"] = t  # router.fc1 / router.fc2, same names
+        elif key.startswith(("task_tokens.", "router.")):  # our names too, in the connector
+            if c.uses_task_tokens if key.startswith("task_tokens.") else c.uses_router_network:
+                ours[f"connector.{key}"] = t
             else:
                 unused.append(key)
         elif c.connector == "moe" and m_expert:
@@ -881,10 +869,12 @@ def locate(recorded: str, ckpt_path: str) -> str:
     return recorded if os.path.exists(recorded) or os.path.isabs(recorded) or not os.path.exists(beside) else beside
 
 
-def checkpoint_data_root(ckpt: dict, path: str) -> Optional[str]:
-    """The dataset root a checkpoint of ours was trained on (official checkpoints do not record it)."""
+def checkpoint_data_root(ckpt: dict, path: str, given: Optional[str] = None) -> str:
+    """`given` (--data-root), else the dataset root a checkpoint of ours records (an official one has none)."""
     recorded = ckpt.get("config", {}).get("data_root") if ckpt.get("format") == "unimed-ckpt" else None
-    return recorded and locate(recorded, path)
+    if not (given or recorded):
+        raise ValueError(f"{path} does not record a data root: name it with --data-root")
+    return given or locate(recorded, path)
 
 
 def parameter_summary(model: UniMed) -> dict[str, tuple[int, int]]:

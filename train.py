@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import data
 from analysis import plot_training
-from files import read_json, read_log, save_torch, write_jsonl
+from files import assign, read_json, read_log, save_torch, write_jsonl
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
 from model import (Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, WordTokenizer, build_prompt, read_checkpoint,
                    save_pretrained)
@@ -86,7 +86,6 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 argument_default=argparse.SUPPRESS if suppress else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
     g = p.add_argument_group("weights and data (none given: the built-in demo)")
     g.add_argument("--llama", help="LLaMA-2-7b-chat-hf directory (config.json, safetensors, tokenizer.model)")
     g.add_argument("--vit", help="EVA ViT-G .safetensors (python vision.py convert eva_vit_g.pth ...)")
@@ -115,9 +114,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", help="checkpoint path (default ckpt.pt); its log goes to OUT minus .pt + .jsonl")
     g.add_argument("--resume", help="checkpoint to continue from, exactly (its flags are reused)")
-    g.add_argument("--check-data", action=argparse.BooleanOptionalAction,
-                   help="check every training row (its image's header, its box) before the first step, "
-                        "and stop on any problem (default on; --no-check-data skips it)")
+    g.add_argument("--check-data", action=argparse.BooleanOptionalAction, help="check every training row "
+                   "(its image's header, its box) before the first step, and stop on any problem (default on)")
     g.add_argument("--log-every", type=int, help="steps between JSONL log lines (default 10)")
     g.add_argument("--plot", metavar="LOG", help="only draw the curves of a log (ckpt.jsonl -> ckpt.png); "
                    "every run draws its own at the end")
@@ -130,7 +128,6 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", default=None,
                    help="print the GPU memory of one full-size training step with these flags, and at the "
                    "official precision, and which cards it fits; needs no weights, data or GPU")
-    del add
     return p
 
 
@@ -152,33 +149,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         missing = " ".join(k for k, v in paths.items() if not v)
         sys.exit(f"train.py: real runs need --llama, --vit and --data-root together; missing {missing}")
     args.demo = not any(paths.values())
-    for key, value in DEFAULTS.items():
-        if getattr(args, key, None) is None:  # (a checkpoint from before a flag existed lacks it)
-            setattr(args, key, value)
+    fill(args, **DEFAULTS)
     args.schedule = args.schedule or ("demo" if args.demo else "paper")
     sched = SCHEDULES[args.schedule]
-    args.iters = sched["iters"] if args.iters is None else args.iters
-    args.lr = sched["lr"] if args.lr is None else args.lr
+    fill(args, iters=sched["iters"], lr=sched["lr"],  # spec section 3: LoRA-MoE r 4, alpha 8
+         lora_r=4 if args.lora_moe else 8, lora_alpha=8.0 if args.lora_moe else 16.0)
     if args.iters < 1 or args.lr <= 0:
         sys.exit(f"train.py: --iters must be >= 1 and --lr > 0 (got {args.iters} and {args.lr})")
     if args.iters <= sched["warmup"]:
         print(f"train.py: note: --iters {args.iters} ends inside the {args.schedule} schedule's "
               f"{sched['warmup']}-step warmup, so the peak lr is never reached")
-    if args.lora_r is None:
-        args.lora_r = 4 if args.lora_moe else 8  # spec section 3: LoRA-MoE r 4, alpha 8
-    if args.lora_alpha is None:
-        args.lora_alpha = 8.0 if args.lora_moe else 16.0
-    if args.device is None:  # a dry run plans for a GPU
-        args.device = "cuda" if torch.cuda.is_available() or args.dry_run else "cpu"
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    if args.grad_checkpointing is None:
-        args.grad_checkpointing = args.device.startswith("cuda")
+    fill(args, device="cuda" if torch.cuda.is_available() or args.dry_run else "cpu")  # a dry run plans for a GPU
+    cuda = args.device.startswith("cuda")
+    fill(args, dtype="bf16" if cuda else "fp32", grad_checkpointing=cuda)
     return args
 
 
-def schedule_of(args) -> dict:
-    return {**SCHEDULES[args.schedule], "iters": args.iters, "lr": args.lr}
+def fill(args: argparse.Namespace, **defaults) -> None:
+    """Give each flag left unset (None) its default; a checkpoint from before a flag existed lacks it."""
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -431,7 +422,7 @@ def setup(args) -> Run:
             build_demo()
         if world > 1:
             dist.barrier()
-    schedule = schedule_of(args)
+    schedule = {**SCHEDULES[args.schedule], "iters": args.iters, "lr": args.lr}
     if rank == 0:
         print(f"schedule {args.schedule}: {args.iters} steps, lr {args.lr:g} (warmup {schedule['warmup']} "
               f"from {schedule['warmup_lr']:g}, {'cosine to ' + format(schedule['min_lr'], 'g') if schedule['cosine'] else 'then constant'}), "
@@ -484,7 +475,6 @@ def check_data(datasets: dict, rank: int, world: int, shown: int = 20) -> None:
         shares = [None] * world
         dist.all_gather_object(shares, problems)
         problems = [p for share in shares for p in share]
-    rows = sum(len(ds) for ds in datasets.values())
     if problems and rank > 0:
         raise ValueError("the training data has problems (rank 0 lists them)")
     if problems:
@@ -493,7 +483,7 @@ def check_data(datasets: dict, rank: int, world: int, shown: int = 20) -> None:
                          + "\n  ".join(problems[:shown] + more)
                          + "\nfix them, or skip this check with --no-check-data")
     if rank == 0:
-        print(f"checked {rows} training rows of {len(datasets)} datasets in "
+        print(f"checked {sum(map(len, datasets.values()))} training rows of {len(datasets)} datasets in "
               f"{time.perf_counter() - start:.2f} s: no problems")
 
 
@@ -539,7 +529,7 @@ def train_step(run: Run, samples: list) -> tuple:
 def loop(run: Run, stop_at=None) -> dict:
     """Steps until --iters, logging every --log-every steps and saving every --save-every and at
     the end. Ctrl-C / SIGTERM: finish the current step, save, return; a second Ctrl-C aborts."""
-    args, last, window = run.args, None, new_window()
+    args, last, window = run.args, None, []
     bar = tqdm(total=args.iters, initial=run.step, desc="train", disable=not run.main_rank, dynamic_ncols=True)
     with stop_signals(run.main_rank) as stop, open_log(run) as log, bar:
         while run.step < args.iters:
@@ -547,13 +537,13 @@ def loop(run: Run, stop_at=None) -> dict:
             samples = run.mixture.next_batch()  # one dataset, batch_size x grad_accum x world samples
             loss, grad_norm, tokens, routing = train_step(run, samples)
             lr = run.scheduler.get_last_lr()[0]
-            window_add(window, samples[0].task, loss, tokens, time.perf_counter() - t0, routing)
+            window.append((samples[0].task, loss, tokens, time.perf_counter() - t0, routing))
             bar.update(1)
             bar.set_postfix_str(f"{samples[0].task} loss {loss:.3f} lr {lr:.1e} gn {grad_norm:.2f}")
             if log and (run.step % args.log_every == 0 or run.step == args.iters):
                 log.write(json.dumps(window_record(window, run.step, lr, grad_norm, run.device)) + "\n")
                 log.flush()
-                window = new_window()
+                window = []
             stopping = stop_requested(run, stop) or run.step == stop_at
             if run.step == args.iters or stopping or (args.save_every and run.step % args.save_every == 0):
                 last = save(run)
@@ -631,34 +621,24 @@ def cut_log(path: str, step: int) -> None:
         write_jsonl(path, kept)
 
 
-# Log windows: per-task means of the loss and the routing weights over the last log_every steps
+def window_record(window: list, step: int, lr: float, grad_norm: float, device) -> dict:
+    """One log line from the steps since the last, each (task, loss, tokens, seconds, routing): the
+    mean loss, also per task, tokens/s, peak memory, and each task's mean routing weights."""
+    tasks, losses, tokens, seconds, routing = zip(*window)
 
-def new_window() -> dict:
-    return {"steps": 0, "loss": 0.0, "tokens": 0, "seconds": 0.0, "task_loss": {}, "routing": {}}
-
-
-def window_add(w, task, loss, tokens, seconds, routing) -> None:
-    w["steps"] += 1
-    w["loss"] += loss
-    w["tokens"] += tokens
-    w["seconds"] += seconds
-    w["task_loss"].setdefault(task, []).append(loss)
-    if routing is not None:
-        w["routing"].setdefault(task, []).append(routing)
-
-
-def window_record(w, step, lr, grad_norm, device) -> dict:
+    def per_task(values) -> dict:
+        return {t: [v for u, v in zip(tasks, values) if u == t and v is not None] for t in sorted(set(tasks))}
     if device.type == "cuda":
         peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         import resource  # peak resident memory of the process (kilobytes on Linux)
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"step": step, "loss": round(w["loss"] / w["steps"], 5),
-            "task_loss": {t: round(sum(v) / len(v), 5) for t, v in sorted(w["task_loss"].items())},
-            "lr": lr, "grad_norm": round(grad_norm, 5), "tokens_per_s": round(w["tokens"] / w["seconds"], 1),
+    return {"step": step, "loss": round(sum(losses) / len(window), 5),
+            "task_loss": {t: round(sum(v) / len(v), 5) for t, v in per_task(losses).items()},
+            "lr": lr, "grad_norm": round(grad_norm, 5), "tokens_per_s": round(sum(tokens) / sum(seconds), 1),
             "peak_mem_gb": round(peak_gb, 3),
             "routing": {t: [round(x, 4) for x in torch.stack(v).mean(0).tolist()]
-                        for t, v in sorted(w["routing"].items())}}
+                        for t, v in per_task(routing).items() if v}}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -694,9 +674,7 @@ def materialize(model: UniMed, device) -> UniMed:
     """Give each parameter of a meta model uninitialised memory (torch.empty) on `device`: a fake
     tensor under FakeTensorMode, where Module.to cannot move meta or fake parameters."""
     for name, p in list(model.named_parameters()):
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr,
-                torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad))
+        assign(model, name, torch.empty(p.shape, dtype=p.dtype, device=device))
     return model
 
 
@@ -715,9 +693,8 @@ def plan_batch(batch_size: int, image_size: int, text_tokens: int, device):
 def plan_step(model: UniMed, optimizer, batch, phase=lambda name: None) -> None:
     """The work of one train.py step on one micro-batch: forward, backward, gradient norm, AdamW.
     `phase(name)` is called as each part begins."""
-    images, instructions, answers = batch
     phase("forward")
-    loss, _ = model(images, instructions, answers, "caption")
+    loss, _ = model(*batch, "caption")  # batch: images, instructions, answers
     phase("backward")
     loss.backward()
     del loss
@@ -787,9 +764,6 @@ class MemoryTracker(TorchDispatchMode):
             (live.add if delta > 0 else live.discard)(serial)
         return live
 
-    def phase_at(self, index: int) -> str:
-        return [name for start, name in self.phases if start <= index][-1]
-
 
 def plan_memory(config: UniMedConfig, llama: LlamaConfig, vit: EVAConfig, *, dtype, vit_dtype, autocast,
                 grad_checkpointing: bool, batch_size: int, text_tokens: int, device: str = "cpu") -> dict:
@@ -824,7 +798,8 @@ def plan_memory(config: UniMedConfig, llama: LlamaConfig, vit: EVAConfig, *, dty
     parts = {part: sum(mem.nbytes[s] for s in serials & at_peak) for part, serials in named.items()}
     parts["activations"] = sum(mem.nbytes[s] for s in activations & at_peak)
     parts["temporaries"] = peak - sum(parts.values())
-    return {"parts": parts, "peak": peak, "phase": mem.phase_at(at), "phase_peaks": phase_peaks,
+    return {"parts": parts, "peak": peak, "phase_peaks": phase_peaks,
+            "phase": [name for start, name in mem.phases if start <= at][-1],  # the phase of the peak
             "after_forward": sum(mem.nbytes[s] for s in activations),
             "weight_copies_after_forward": sum(mem.nbytes[s] for s in activations & mem.weight_copies)}
 

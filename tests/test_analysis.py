@@ -69,10 +69,6 @@ def test_orthogonal_gradients_do_not_interfere():
     assert torch.allclose(gd, torch.eye(2, dtype=torch.float64))
 
 
-def test_max_normalisation():
-    assert torch.allclose(analysis.max_normalise(torch.tensor([2.0, -4.0, 1.0])), torch.tensor([0.5, -1.0, 0.25]))
-
-
 def test_statistics_score_and_histogram():
     agree = torch.tensor([[1.0, -2.0, 0.5], [3.0, -1.0, 0.1], [0.2, -5.0, 2.0]])  # [T=3, P=3], same signs
     assert torch.allclose(analysis.statistics_score(agree), torch.ones(3))

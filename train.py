@@ -63,7 +63,7 @@ SCHEDULES = {
     "official": dict(iters=50_000, lr=1e-5, warmup=5_000, warmup_lr=1e-6, min_lr=1e-5, cosine=False,
                      betas=(0.9, 0.999)),
     # the built-in demo: tiny models learn in minutes only with a far larger lr and few steps
-    "demo": dict(iters=3000, lr=3e-3, warmup=20, warmup_lr=0.0, min_lr=1e-4, cosine=True,
+    "demo": dict(iters=3000, lr=1e-3, warmup=20, warmup_lr=0.0, min_lr=1e-4, cosine=True,
                  betas=(0.9, 0.95)),
 }
 
@@ -177,7 +177,7 @@ def fill(args: argparse.Namespace, **defaults) -> None:
 
 DEMO_DIR = "demo"
 DEMO_LLAMA = dict(dim=192, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=512, vocab_size=640, max_seq_len=512)
-DEMO_EVA = EVAConfig(img_size=56, patch_size=14, width=96, depth=2, num_heads=4, mlp_dim=384)
+DEMO_EVA = EVAConfig(img_size=112, patch_size=14, width=96, depth=2, num_heads=4, mlp_dim=384)
 DEMO_PRETRAIN = dict(steps=300, batch=16, block=96, lr=3e-3)  # next-token pre-training of the LLaMA
 
 
@@ -225,7 +225,9 @@ def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int =
 
 def demo_texts(data_root: str) -> list[str]:
     """The training split's prompts and answers as chat text, the way Uni-Med will see them
-    (training templates taken in turn)."""
+    (training templates taken in turn). Every other prompt is written as the evaluation writes it
+    (one space before [/INST], not training's two): a real LLaMA reads both alike, but a tiny one
+    that never saw the evaluation's form does not stop after "left" and goes on as a report."""
     texts = []
     for dataset in data.load_datasets(data_root, "train", train=True).values():
         for i in range(len(dataset)):

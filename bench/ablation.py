@@ -133,7 +133,7 @@ def main() -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         sys.exit(f"bench/ablation.py: unknown --configs {unknown}; choose from {list(CONFIGS)}")
-    runs = [run_one(name, int(seed), args) for name in configs for seed in args.seeds.split(",")]
+    runs = [run_one(name, int(seed), args) for seed in args.seeds.split(",") for name in configs]
     table = summary(runs)
     write_json(os.path.join(args.out, "ablation.json"), {"runs": runs, "table": table})
     print(f"\n{len(runs)} runs of {args.iters} steps; every number in {os.path.join(args.out, 'ablation.json')}")

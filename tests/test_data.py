@@ -33,10 +33,10 @@ def copy_of(demo, tmp_path, *parts):
 # -------------------------------------------------------------------------------------------------
 # Every loader reads its miniature
 
-SIZES = {"train": dict(medqa=48, pubmedqa=48, slake_vqa=60, path_vqa=48, mimic_cxr=48, medpix=48, slake_rec=40,
-                       slake_reg=40, sa_med2d_rec=40, sa_med2d_reg=40, dermamnist=48, organsmnist=48),
-         "test": dict(medqa=16, pubmedqa=16, slake_vqa=24, path_vqa=16, mimic_cxr=16, medpix=17, slake_rec=16,
-                      slake_reg=16, sa_med2d_rec=16, sa_med2d_reg=16, dermamnist=18, organsmnist=18)}
+SIZES = {"train": dict(medqa=48, pubmedqa=48, slake_vqa=600, path_vqa=480, mimic_cxr=360, medpix=320, slake_rec=400,
+                       slake_reg=400, sa_med2d_rec=400, sa_med2d_reg=400, dermamnist=300, organsmnist=300),
+         "test": dict(medqa=16, pubmedqa=16, slake_vqa=150, path_vqa=100, mimic_cxr=100, medpix=101, slake_rec=100,
+                      slake_reg=100, sa_med2d_rec=100, sa_med2d_reg=100, dermamnist=102, organsmnist=102)}
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -87,7 +87,7 @@ def test_loaders_read_the_official_fields(demo):
 
 def test_training_view_joins_medmnist(demo):
     sets = data.load_datasets(demo, "train")
-    assert set(sets) == set(data.RATIOS) and len(sets["medmnist"]) == 96
+    assert set(sets) == set(data.RATIOS) and len(sets["medmnist"]) == 600
     assert {sets["medmnist"][i].answer for i in range(len(sets["medmnist"]))} == \
         {"melanoma", "melanocytic nevi", "vascular lesions", "bladder", "heart", "liver"}
 
@@ -258,7 +258,7 @@ def test_mixture_resumes_exactly(demo, tmp_path):
         return data.Mixture(data.load_datasets(demo, "train"), data.RATIOS, batch_size=4, seed=7)
     key = lambda batch: [(s.id, s.instruction, s.answer) for s in batch]
     a = run()
-    for _ in range(150):
+    for _ in range(400):  # MedQA's 12 batches take 2/50 of the draws: an epoch ends by draw ~300
         a.next_batch()
     assert max(a.state_dict()["epoch"]) >= 1  # the resume point lies past an epoch boundary
     torch.save(a.state_dict(), tmp_path / "mix.pt")
@@ -368,7 +368,7 @@ def test_mimic_rows_without_image_are_skipped(demo, tmp_path, capsys):
     shutil.copytree(os.path.join(demo, "MIMIC-CXR-JPG"), root / "MIMIC-CXR-JPG")
     first = json.load(open(root / "MIMIC_caption/annotation.json"))["test"][0]["image_path"][0]
     os.remove(root / "MIMIC-CXR-JPG/2.0.0/files" / first)
-    assert len(data.load_datasets(str(root), "test", names=["mimic_cxr"])["mimic_cxr"]) == 15
+    assert len(data.load_datasets(str(root), "test", names=["mimic_cxr"])["mimic_cxr"]) == 99
     assert "skipped 1 rows" in capsys.readouterr().err
 
 
@@ -404,7 +404,7 @@ def test_medpix_keeps_a_cell_reading_none(demo, tmp_path):
               f"{names[3]},NULL,caption", f"None,a caption whose image is missing,caption"]
     open(path, "w").write("\n".join(lines) + "\n")
     ds = data.load_datasets(root, "train", names=["medpix"])["medpix"]
-    assert len(ds) == 48 + 1 and ds[48].answer == "None" and ds.rows[48].id == f"medpix/{names[0]}"
+    assert len(ds) == 320 + 1 and ds[320].answer == "None" and ds.rows[320].id == f"medpix/{names[0]}"
     test = data.load_datasets(demo, "test", names=["medpix"])["medpix"]  # the demo writes one such row
     assert [test[i].answer for i in range(len(test))].count("None") == 1
 

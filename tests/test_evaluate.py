@@ -451,8 +451,10 @@ def test_official_checkpoints_get_the_official_prompt_by_default(demo, tmp_path,
 
 @pytest.mark.slow
 def test_full_demo_scores_above_chance(tmp_path, monkeypatch):
-    """README command 1 as it runs (the default 3000 demo steps, ~6 min on 2 cores), then the
-    evaluation: the image tasks must beat their chance levels (data.DEMO_CHANCE) by a clear margin."""
+    """README command 1 as it runs (the default seed, 3000 demo steps, ~7 min on 2 cores), then the
+    evaluation: each image task that beat its chance level (data.DEMO_CHANCE) on every one of the
+    README's 5 seeds must beat it here by the margin the README states. REC and SA-Med2D-REG, which
+    stayed at chance on some seeds, are not asserted: the README says so."""
     monkeypatch.setattr(evaluate, "MAX_NEW_TOKENS", 100)  # the official length, not short_answers' 8
     monkeypatch.chdir(tmp_path)
     train.main([])
@@ -460,9 +462,8 @@ def test_full_demo_scores_above_chance(tmp_path, monkeypatch):
     results = json.load(open(tmp_path / "eval_ckpt" / "results.json"))["datasets"]
     assert set(results) == set(data.DATASETS)
     score = {name: r["metrics"] for name, r in results.items()}
-    assert score["dermamnist"]["acc"] > 33.3 + 30 and score["organsmnist"]["acc"] > 33.3 + 30
-    assert score["path_vqa"]["f1"] > 50 + 15
-    assert score["sa_med2d_rec"]["r@0.5"] > 25 + 15
-    assert score["slake_reg"]["acc"] > 50 + 15
-    # always writing the most frequent training report scores BLEU-4 13.1 (MIMIC) and 58.6 (MedPix)
-    assert score["mimic_cxr"]["bleu4"] > 13.1 + 30 and score["medpix"]["bleu4"] > 58.6 + 20
+    assert score["dermamnist"]["acc"] > 33.3 + 25 and score["organsmnist"]["acc"] > 33.3 + 50
+    assert score["path_vqa"]["f1"] > 50 + 25 and score["slake_vqa"]["f1"] > 50 + 15
+    assert score["slake_reg"]["acc"] > 50 + 5
+    # always writing the most frequent training report scores BLEU-4 12.8 (MIMIC) and 61.9 (MedPix)
+    assert score["mimic_cxr"]["bleu4"] > 12.8 + 60 and score["medpix"]["bleu4"] > 61.9 + 30

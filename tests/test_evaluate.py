@@ -452,9 +452,9 @@ def test_official_checkpoints_get_the_official_prompt_by_default(demo, tmp_path,
 @pytest.mark.slow
 def test_full_demo_scores_above_chance(tmp_path, monkeypatch):
     """README command 1 as it runs (the default seed, 3000 demo steps, ~7 min on 2 cores), then the
-    evaluation: each image task that beat its chance level (data.DEMO_CHANCE) on every one of the
-    README's 5 seeds must beat it here by the margin the README states. REC and SA-Med2D-REG, which
-    stayed at chance on some seeds, are not asserted: the README says so."""
+    evaluation: the image tasks whose lead over chance (data.DEMO_CHANCE) held on every one of the
+    README's 5 seeds must keep most of it here. REC and REG, which fell to chance on some seeds, are
+    not asserted: the README's table says so."""
     monkeypatch.setattr(evaluate, "MAX_NEW_TOKENS", 100)  # the official length, not short_answers' 8
     monkeypatch.chdir(tmp_path)
     train.main([])
@@ -462,8 +462,9 @@ def test_full_demo_scores_above_chance(tmp_path, monkeypatch):
     results = json.load(open(tmp_path / "eval_ckpt" / "results.json"))["datasets"]
     assert set(results) == set(data.DATASETS)
     score = {name: r["metrics"] for name, r in results.items()}
-    assert score["dermamnist"]["acc"] > 33.3 + 25 and score["organsmnist"]["acc"] > 33.3 + 50
-    assert score["path_vqa"]["f1"] > 50 + 25 and score["slake_vqa"]["f1"] > 50 + 15
-    assert score["slake_reg"]["acc"] > 50 + 5
-    # always writing the most frequent training report scores BLEU-4 12.8 (MIMIC) and 61.9 (MedPix)
-    assert score["mimic_cxr"]["bleu4"] > 12.8 + 60 and score["medpix"]["bleu4"] > 61.9 + 30
+    # the least lead of the 5 seeds: Derma +62.8, OrganS +66.7, Path-VQA +31, Slake-VQA +18
+    assert score["dermamnist"]["acc"] > 33.3 + 50 and score["organsmnist"]["acc"] > 33.3 + 50
+    assert score["path_vqa"]["f1"] > 50 + 20 and score["slake_vqa"]["f1"] > 50 + 10
+    # always writing the most frequent training report scores BLEU-4 12.8 (MIMIC) and 61.9 (MedPix);
+    # the least leads of the 5 seeds: +56.0 and +12.9
+    assert score["mimic_cxr"]["bleu4"] > 12.8 + 40 and score["medpix"]["bleu4"] > 61.9 + 5

@@ -206,8 +206,8 @@ def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int =
         vit = EVAViT(DEMO_EVA)
         # EVAViT leaves zeros for the checkpoint to fill. A trained ViT's features say where each
         # patch is; a random one's say so only if its position embeddings are as large as its patch
-        # embeddings (std ~0.5 here), not EVA's initial 0.02. Without this, which quadrant an image
-        # token shows is all but lost, and REC, REG and "which side?" cannot be learned.
+        # embeddings (std ~0.5 here), not EVA's initial 0.02. Without this, where an image token
+        # lies is all but lost, and REC, REG and "which side?" cannot be learned.
         torch.nn.init.trunc_normal_(vit.pos_embed, std=0.5)
         torch.nn.init.trunc_normal_(vit.cls_token, std=0.02)
         save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, vit_path + ".tmp",
@@ -437,7 +437,8 @@ def setup(args) -> Run:
               f"{world} process(es), seed {args.seed}")
     # the data first: a bad row or file stops the run before minutes of loading weights
     datasets = data.load_datasets(data_root, "train", train=True)
-    mixture = data.Mixture(datasets, DEMO_RATIOS if args.demo else data.RATIOS, args.batch_size * args.grad_accum * world, seed=args.seed)
+    ratios = DEMO_RATIOS if args.demo else data.RATIOS
+    mixture = data.Mixture(datasets, ratios, args.batch_size * args.grad_accum * world, seed=args.seed)
     if args.check_data:
         check_data(datasets, rank, world)
 

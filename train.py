@@ -22,7 +22,6 @@ What makes a run reproducible, and resumable exactly:
 """
 import argparse
 import contextlib
-import io
 import json
 import math
 import os
@@ -35,20 +34,18 @@ import weakref
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import data
+import demo
 from analysis import plot_training
 from files import assign, read_json, read_log, save_torch, write_jsonl
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
-from model import (Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, WordTokenizer, build_prompt, read_checkpoint,
-                   save_pretrained)
+from model import Llama, LlamaConfig, UniMed, UniMedConfig, WordTokenizer, build_prompt, read_checkpoint
 from vision import EVAConfig, EVAViT
 
 # -------------------------------------------------------------------------------------------------
@@ -170,110 +167,6 @@ def fill(args: argparse.Namespace, **defaults) -> None:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-
-
-# -------------------------------------------------------------------------------------------------
-# The demo: data.make_demo plus tiny base weights written in the official formats
-
-DEMO_DIR = "demo"
-DEMO_LLAMA = dict(dim=192, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=512, vocab_size=640, max_seq_len=512)
-DEMO_EVA = EVAConfig(img_size=112, patch_size=14, width=96, depth=2, num_heads=4, mlp_dim=384)
-# The demo's task mixture: the official ratios would spend a third of the steps on captions the tiny
-# model writes perfectly within a few hundred, and too few on REC and REG (binding a named object
-# to its region), the skills it learns last.
-DEMO_RATIOS = {"medqa": 1, "pubmedqa": 1, "slake_vqa": 4, "path_vqa": 3, "slake_rec": 8, "slake_reg": 6,
-               "sa_med2d_rec": 8, "sa_med2d_reg": 6, "medpix": 3, "mimic_cxr": 3, "medmnist": 7}
-DEMO_PRETRAIN = dict(steps=300, batch=16, block=96, lr=3e-3)  # next-token pre-training of the LLaMA
-
-
-def demo_paths(root: str = DEMO_DIR) -> tuple[str, str, str]:
-    return os.path.join(root, "llama"), os.path.join(root, "eva.safetensors"), os.path.join(root, "data")
-
-
-def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int = 0) -> None:
-    """Write what a real run downloads, in miniature: the datasets (data.make_demo), a tiny EVA
-    (.safetensors, official key names) and a tiny LLaMA (HF directory + sentencepiece tokenizer).
-
-    A frozen random LLaMA is no base for LoRA to adapt, so the tiny LLaMA is pre-trained for a few
-    hundred steps on the demo's training text: it then models the language, and the connector has
-    to bring in what only the image shows. Deterministic for a given seed.
-    """
-    llama_dir, vit_path, data_root = demo_paths(root)
-    if not os.path.isdir(data_root):
-        data.make_demo(data_root, seed=seed)
-    if not os.path.exists(vit_path):
-        torch.manual_seed(seed)
-        vit = EVAViT(DEMO_EVA)
-        # EVAViT leaves zeros for the checkpoint to fill. A trained ViT's features say where each
-        # patch is; a random one's say so only if its position embeddings are as large as its patch
-        # embeddings (std ~0.5 here), not EVA's initial 0.02. Without this, where an image token
-        # lies is all but lost, and REC, REG and "which side?" cannot be learned.
-        torch.nn.init.trunc_normal_(vit.pos_embed, std=0.5)
-        torch.nn.init.trunc_normal_(vit.cls_token, std=0.02)
-        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, vit_path + ".tmp",
-                  metadata={"format": "pt"})
-        os.replace(vit_path + ".tmp", vit_path)
-    if not os.path.exists(os.path.join(llama_dir, "model.safetensors")):
-        texts = demo_texts(data_root)
-        os.makedirs(llama_dir, exist_ok=True)
-        write_tokenizer(texts, os.path.join(llama_dir, "tokenizer.model"), DEMO_LLAMA["vocab_size"])
-        tokenizer = Tokenizer(os.path.join(llama_dir, "tokenizer.model"))
-        config = LlamaConfig(**{**DEMO_LLAMA, "vocab_size": tokenizer.vocab_size})
-        torch.manual_seed(seed)
-        llama = Llama(config)
-        for module in llama.modules():  # the usual LM init: small weights, so early training is stable
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                torch.nn.init.normal_(module.weight, std=0.02)
-        pretrain_llama(llama, tokenizer, texts, seed=seed, **pretrain)
-        save_pretrained(llama, config, llama_dir)
-
-
-def demo_texts(data_root: str) -> list[str]:
-    """The training split's prompts and answers as chat text, the way Uni-Med will see them
-    (training templates taken in turn). Every other prompt is written as the evaluation writes it
-    (one space before [/INST], not training's two): a real LLaMA reads both alike, but a tiny one
-    that never saw the evaluation's form does not stop after "left" and goes on as a report."""
-    texts = []
-    for dataset in data.load_datasets(data_root, "train", train=True).values():
-        for i in range(len(dataset)):
-            s = dataset.get(i, i % len(dataset.templates))
-            texts.append(f"{build_prompt(s.instruction, s.image is not None, i % 2 == 0)} {s.answer}")
-    return texts
-
-
-def write_tokenizer(texts: list[str], path: str, vocab_size: int) -> None:
-    """Train a LLaMA-style sentencepiece BPE (byte fallback, split digits, <unk>/<s>/</s> = 0/1/2)."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, allow_whitespace_only_pieces=True, num_threads=1,
-        input_sentence_size=0, shuffle_input_sentence=False, hard_vocab_limit=False, minloglevel=2)
-    with open(path + ".tmp", "wb") as f:
-        f.write(model.getvalue())
-    os.replace(path + ".tmp", path)
-
-
-def pretrain_llama(llama, tokenizer, texts, steps, batch, block, lr, seed) -> None:
-    """nanoGPT-style next-token training on the concatenated texts (random windows of `block`)."""
-    stream = torch.tensor([t for text in texts for t in tokenizer.encode(text, bos=True) + [tokenizer.eos_id]])
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(llama.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    llama.train()
-    bar = tqdm(range(steps), desc="demo: pre-training the tiny LLaMA", leave=False)
-    for step in bar:
-        start = torch.randint(len(stream) - block - 1, (batch,), generator=g)
-        x = torch.stack([stream[s:s + block + 1] for s in start.tolist()])  # [batch, block + 1]
-        logits = llama(x[:, :-1])  # [batch, block, vocab]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        for group in opt.param_groups:  # cosine to zero: the last steps settle the weights
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    llama.eval()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -420,13 +313,13 @@ def setup(args) -> Run:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    llama_dir, vit_path, data_root = demo_paths() if args.demo else (args.llama, args.vit, args.data_root)
+    llama_dir, vit_path, data_root = demo.demo_paths() if args.demo else (args.llama, args.vit, args.data_root)
     if args.demo:
         if rank == 0:
             print(f"No --llama/--vit/--data-root given: running the built-in demo (tiny weights and data "
-                  f"in {DEMO_DIR}/). Real run: python train.py --llama DIR --vit eva_vit_g.safetensors "
+                  f"in {demo.DEMO_DIR}/). Real run: python train.py --llama DIR --vit eva_vit_g.safetensors "
                   f"--data-root DIR --router {args.router} --experts {args.experts}")
-            build_demo()
+            demo.build_demo()
         if world > 1:
             dist.barrier()
     schedule = {**SCHEDULES[args.schedule], "iters": args.iters, "lr": args.lr}
@@ -437,13 +330,13 @@ def setup(args) -> Run:
               f"{world} process(es), seed {args.seed}")
     # the data first: a bad row or file stops the run before minutes of loading weights
     datasets = data.load_datasets(data_root, "train", train=True)
-    ratios = DEMO_RATIOS if args.demo else data.RATIOS
+    ratios = demo.DEMO_RATIOS if args.demo else data.RATIOS
     mixture = data.Mixture(datasets, ratios, args.batch_size * args.grad_accum * world, seed=args.seed)
     if args.check_data:
         check_data(datasets, rank, world)
 
     torch.manual_seed(args.seed)  # same initial trainable weights on every rank
-    vit_config = DEMO_EVA if args.demo else EVAConfig()
+    vit_config = demo.DEMO_EVA if args.demo else EVAConfig()
     model = UniMed.from_pretrained(llama_dir, vit_path, unimed_config(args), vit_config=vit_config,
                                    dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=device)
     model.set_gradient_checkpointing(args.grad_checkpointing)

@@ -26,6 +26,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import files  # noqa: E402
+from demo import make_demo  # noqa: E402
 
 # spec section 7, paper Table 4: training rows that name an image file (MedMNIST's arrays are read
 # when the dataset is loaded, and text QA rows have no image: the check does nothing for them)
@@ -77,7 +78,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = args.demo or os.path.join(tmp, "demo")
         if not args.demo:
-            data.make_demo(root)
+            make_demo(root)
         start = time.perf_counter()
         datasets = data.load_datasets(root, "train", train=True)
         loaded = time.perf_counter() - start

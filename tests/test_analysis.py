@@ -14,6 +14,7 @@ import analysis
 import data
 from cmoe import Connector, ConnectorConfig
 from lora import LoRALinear
+from demo import build_demo, make_demo
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -269,7 +270,7 @@ class Toy(torch.nn.Module):
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("analysis_data"))
-    data.make_demo(root)
+    make_demo(root)
     return data.load_datasets(root, "train", names=["medqa", "slake_vqa", "path_vqa", "mimic_cxr",
                                                     "slake_rec", "slake_reg", "dermamnist"], train=False)
 
@@ -341,10 +342,10 @@ def demo_checkpoint(tmp_path_factory):
     tiny_llama = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, vocab_size=400, max_seq_len=512)
     tiny_eva = EVAConfig(img_size=28, patch_size=7, width=32, depth=1, num_heads=2, mlp_dim=64)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "DEMO_LLAMA", tiny_llama)
-        mp.setattr(train, "DEMO_EVA", tiny_eva)
+        mp.setattr(train.demo, "DEMO_LLAMA", tiny_llama)
+        mp.setattr(train.demo, "DEMO_EVA", tiny_eva)
         mp.chdir(root)
-        train.build_demo(pretrain=dict(steps=10, batch=8, block=64, lr=3e-3))
+        build_demo(pretrain=dict(steps=10, batch=8, block=64, lr=3e-3))
         train.main(["--router-hidden", "32", "--device", "cpu", "--save-every", "0", "--iters", "3",
                     "--out", "ckpt.pt"])
     return root, str(root / "ckpt.pt")

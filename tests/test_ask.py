@@ -18,9 +18,9 @@ from PIL import Image
 import data
 import evaluate
 import metrics
-import train
 from cmoe import ConnectorConfig
 from model import UniMed, UniMedConfig
+from demo import DEMO_EVA, DEMO_PRETRAIN, build_demo, demo_paths
 
 BOX_COLOUR = evaluate.BOX_COLOUR
 
@@ -28,8 +28,8 @@ BOX_COLOUR = evaluate.BOX_COLOUR
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
-    train.build_demo(root, pretrain={**train.DEMO_PRETRAIN, "steps": 0})
-    return train.demo_paths(root)
+    build_demo(root, pretrain={**DEMO_PRETRAIN, "steps": 0})
+    return demo_paths(root)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +38,12 @@ def checkpoint(demo, tmp_path_factory):
     llama_dir, vit_path, data_root = demo
     torch.manual_seed(0)
     model = UniMed.from_pretrained(llama_dir, vit_path, UniMedConfig(connector=ConnectorConfig(experts=3)),
-                                   vit_config=train.DEMO_EVA, dtype=torch.float32)
+                                   vit_config=DEMO_EVA, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.05)
-    config = {"unimed": model.config.to_dict(), "vit": asdict(train.DEMO_EVA), "llama_dir": llama_dir,
+    config = {"unimed": model.config.to_dict(), "vit": asdict(DEMO_EVA), "llama_dir": llama_dir,
               "vit_path": vit_path, "data_root": data_root, "demo": True, "args": {}}
     path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
     torch.save({"format": "unimed-ckpt", "step": 0, "config": config, "model": model.trainable_state_dict()}, path)
@@ -200,7 +200,7 @@ def test_routing_map_lays_each_tokens_weights_on_its_patches(checkpoint, demo, t
 def test_no_routing_map_without_experts(demo, tmp_path):
     llama_dir, vit_path, _ = demo
     model = UniMed.from_pretrained(llama_dir, vit_path, UniMedConfig(connector=ConnectorConfig(connector="mlp")),
-                                   vit_config=train.DEMO_EVA, dtype=torch.float32).eval()
+                                   vit_config=DEMO_EVA, dtype=torch.float32).eval()
     image = evaluate.read_image(grey_png(tmp_path / "scan.png", (64, 64)))
     r = evaluate.ask(model, image, "[vqa] which side?", "vqa", str(tmp_path), "mlp")
     assert r["pictures"] == []

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import data
+from demo import DEMO_CHANCE, demo_texts, make_demo
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
-    data.make_demo(root, seed=0)
+    make_demo(root, seed=0)
     return root
 
 
@@ -489,10 +490,10 @@ def tree(root):
 
 
 def test_make_demo_is_deterministic(demo, tmp_path):
-    data.make_demo(str(tmp_path / "again"), seed=0)
+    make_demo(str(tmp_path / "again"), seed=0)
     assert tree(str(tmp_path / "again")) == tree(demo)
     assert not any(f.endswith(".tmp") for f in tree(demo))
-    data.make_demo(str(tmp_path / "other"), seed=1)
+    make_demo(str(tmp_path / "other"), seed=1)
     other = tree(str(tmp_path / "other"))
     assert other != tree(demo)
 
@@ -512,12 +513,14 @@ def test_demo_train_and_test_are_disjoint(demo):
     # balanced classes, so chance is what DEMO_CHANCE says
     answers = Counter(test["dermamnist"][i].answer for i in range(18))
     assert sorted(answers.values()) == [6, 6, 6]
-    assert set(data.DEMO_CHANCE) == set(data.DATASETS)
+    assert set(DEMO_CHANCE) == set(data.DATASETS)
 
 
 def test_demo_text_covers_templates_and_answers(demo):
-    text = "\n".join(data.demo_text(demo))
+    """The text the demo's tokenizer and tiny LLaMA learn from (demo.demo_texts) holds every
+    training template (both sides of its slot) and the answers."""
+    text = "\n".join(demo_texts(demo))
     for name in data.DATASETS:
         for template in data.TEMPLATES[name][0]:
-            assert template.replace("{}", " ").strip() in text
+            assert all(part.strip() in text for part in template.split("{}")), template
     assert "melanocytic nevi" in text and "pleural effusion" in text and "{<" in text

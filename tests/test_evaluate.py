@@ -21,6 +21,7 @@ import metrics
 import train
 from cmoe import ConnectorConfig
 from model import UniMed, UniMedConfig, read_checkpoint
+from demo import DEMO_EVA, DEMO_PRETRAIN, build_demo, demo_paths
 
 EXPECTED_KEYS = {  # the paper's columns (and the official scripts' extra figures) for each task
     "vqa": {"bleu1", "bleu2", "bleu3", "bleu4", "f1", "closed_acc",
@@ -37,8 +38,8 @@ EXPECTED_KEYS = {  # the paper's columns (and the official scripts' extra figure
 def demo(tmp_path_factory):
     """(llama_dir, vit_path, data_root) of the demo, without pre-training the tiny LLaMA (speed)."""
     root = str(tmp_path_factory.mktemp("demo"))
-    train.build_demo(root, pretrain={**train.DEMO_PRETRAIN, "steps": 0})
-    return train.demo_paths(root)
+    build_demo(root, pretrain={**DEMO_PRETRAIN, "steps": 0})
+    return demo_paths(root)
 
 
 def tiny_model(demo, connector: ConnectorConfig, seed: int = 0) -> UniMed:
@@ -47,7 +48,7 @@ def tiny_model(demo, connector: ConnectorConfig, seed: int = 0) -> UniMed:
     llama_dir, vit_path, _ = demo
     torch.manual_seed(seed)
     model = UniMed.from_pretrained(llama_dir, vit_path, UniMedConfig(connector=connector),
-                                   vit_config=train.DEMO_EVA, dtype=torch.float32)
+                                   vit_config=DEMO_EVA, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -57,7 +58,7 @@ def tiny_model(demo, connector: ConnectorConfig, seed: int = 0) -> UniMed:
 
 def write_ours(path, model: UniMed, demo) -> str:
     llama_dir, vit_path, data_root = demo
-    config = {"unimed": model.config.to_dict(), "vit": asdict(train.DEMO_EVA), "llama_dir": llama_dir,
+    config = {"unimed": model.config.to_dict(), "vit": asdict(DEMO_EVA), "llama_dir": llama_dir,
               "vit_path": vit_path, "data_root": data_root, "demo": True, "args": {}}
     torch.save({"format": "unimed-ckpt", "step": 0, "config": config, "model": model.trainable_state_dict()}, path)
     return str(path)
@@ -378,7 +379,7 @@ def test_official_checkpoint_as_the_runner_writes_it(demo, tmp_path, capsys):
     assert len(buffers) == n_layers
     assert len(saved) == len(ours) + len(aliases) + len(buffers)
 
-    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu", official_vit=train.DEMO_EVA)
+    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu", official_vit=DEMO_EVA)
     out = capsys.readouterr().out
     assert (f"kept {len(ours)} tensors; dropped {len(aliases)} aliases (moe_layers.* = llm_proj.*), "
             f"{n_layers} frozen buffers (rotary_emb.inv_freq), 0 tensors the official model never uses") in out
@@ -389,7 +390,7 @@ def test_official_checkpoint_as_the_runner_writes_it(demo, tmp_path, capsys):
     ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("llm_proj.")}
     torch.save(ckpt, tmp_path / "checkpoint_4.pth")
     assert_same_model(source, UniMed.from_checkpoint(str(tmp_path / "checkpoint_4.pth"), llama_dir, vit_path, "cpu",
-                                                     official_vit=train.DEMO_EVA), data_root, "slake_vqa")
+                                                     official_vit=DEMO_EVA), data_root, "slake_vqa")
 
 
 def test_official_checkpoint_whose_aliases_differ_names_both(demo, tmp_path):
@@ -402,7 +403,7 @@ def test_official_checkpoint_whose_aliases_differ_names_both(demo, tmp_path):
     torch.save(ckpt, tmp_path / "checkpoint_bad.pth")
     with pytest.raises(ValueError, match=r"checkpoint_bad\.pth: 'moe_layers\.2\.0\.bias' and 'llm_proj\.2\.0\.bias' differ"):
         UniMed.from_checkpoint(str(tmp_path / "checkpoint_bad.pth"), llama_dir, vit_path, "cpu",
-                               official_vit=train.DEMO_EVA)
+                               official_vit=DEMO_EVA)
 
 
 def test_official_hard_router_checkpoint_drops_the_unused_router(demo, tmp_path, capsys):
@@ -412,7 +413,7 @@ def test_official_hard_router_checkpoint_drops_the_unused_router(demo, tmp_path,
     # the official model also builds (and saves) a router and task tokens it never uses
     ckpt_path = str(tmp_path / "checkpoint_0.pth")
     runner_save(official_model_from(source, llama_dir, experts=5), ckpt_path, official_config("hard", 5), epoch=0)
-    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu", official_vit=train.DEMO_EVA)
+    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu", official_vit=DEMO_EVA)
     assert "9 tensors the official model never uses (router, task_tokens)" in capsys.readouterr().out
     assert_same_model(source, loaded, data_root, "slake_rec")
 
@@ -452,7 +453,7 @@ def test_official_checkpoints_get_the_official_prompt_by_default(demo, tmp_path,
 @pytest.mark.slow
 def test_full_demo_scores_above_chance(tmp_path, monkeypatch):
     """README command 1 as it runs (the default seed, 3000 demo steps, ~7 min on 2 cores), then the
-    evaluation: the image tasks whose lead over chance (data.DEMO_CHANCE) held on every one of the
+    evaluation: the image tasks whose lead over chance (demo.DEMO_CHANCE) held on every one of the
     README's 5 seeds must keep most of it here. REC and REG, which fell to chance on some seeds, are
     not asserted: the README's table says so."""
     monkeypatch.setattr(evaluate, "MAX_NEW_TOKENS", 100)  # the official length, not short_answers' 8

@@ -17,6 +17,7 @@ from torch import nn
 
 import files
 import train
+from demo import write_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ def torch_bytes(tmp_path):
 def sentencepiece_bytes(tmp_path):
     words = ["liver", "lung", "left", "right", "upper", "lower", "image", "shows", "a", "the"]
     texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
-    train.write_tokenizer(texts, str(tmp_path / "tokenizer.model"), 400)
+    write_tokenizer(texts, str(tmp_path / "tokenizer.model"), 400)
     return (tmp_path / "tokenizer.model").read_bytes()
 
 

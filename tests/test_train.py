@@ -1,7 +1,7 @@
 """train.py end to end on a tiny demo: learning, checkpoints, the curves picture, exact resume, atomic
 saves, NaN stop, DDP on gloo, and one step of every Table 2 ablation.
 
-One tiny demo (data.make_demo, a tiny EVA, a briefly pre-trained tiny LLaMA) is built once for the
+One tiny demo (make_demo, a tiny EVA, a briefly pre-trained tiny LLaMA) is built once for the
 module; every test trains from it on CPU in fp32 and writes into its own tmp_path.
 """
 import json
@@ -19,6 +19,7 @@ import data
 import files
 import train
 from model import UniMed
+from demo import build_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_LLAMA = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, vocab_size=400, max_seq_len=512)
@@ -32,17 +33,17 @@ def demo(tmp_path_factory):
     """A directory holding a tiny demo/ (what train.py builds when given no weights), made once."""
     root = tmp_path_factory.mktemp("demo_root")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "DEMO_LLAMA", TINY_LLAMA)
-        mp.setattr(train, "DEMO_EVA", TINY_EVA)
+        mp.setattr(train.demo, "DEMO_LLAMA", TINY_LLAMA)
+        mp.setattr(train.demo, "DEMO_EVA", TINY_EVA)
         mp.chdir(root)
-        train.build_demo(pretrain=TINY_PRETRAIN)
+        build_demo(pretrain=TINY_PRETRAIN)
     return root
 
 
 @pytest.fixture
 def run(demo, monkeypatch, tmp_path):
     """run(*flags, out=, stop_at=) trains in the demo directory -> (checkpoint, log records, path)."""
-    monkeypatch.setattr(train, "DEMO_EVA", TINY_EVA)
+    monkeypatch.setattr(train.demo, "DEMO_EVA", TINY_EVA)
     monkeypatch.chdir(demo)
 
     def run(*flags, out="ckpt.pt", stop_at=None):
@@ -163,7 +164,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp
 def test_bad_data_stops_the_run_before_the_weights_are_loaded(demo, tmp_path, monkeypatch):
     root = tmp_path / "copy"
     shutil.copytree(demo, root)
-    monkeypatch.setattr(train, "DEMO_EVA", TINY_EVA)
+    monkeypatch.setattr(train.demo, "DEMO_EVA", TINY_EVA)
     monkeypatch.chdir(root)
     imgs = root / "demo/data/Slake-VQA/imgs"
     os.remove(imgs / "xmlab0/source.jpg")
@@ -236,5 +237,5 @@ def test_every_table_2_ablation_runs_a_step(run, monkeypatch, flags):
 
 
 if __name__ == "__main__":  # a rank of the DDP test, launched by torchrun from the demo directory
-    train.DEMO_EVA = TINY_EVA
+    train.demo.DEMO_EVA = TINY_EVA
     train.main()

@@ -406,9 +406,7 @@ def write_tokenizer(texts: list[str], path: str, vocab_size: int) -> None:
         character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=True, allow_whitespace_only_pieces=True, num_threads=1,
         input_sentence_size=0, shuffle_input_sentence=False, hard_vocab_limit=False, minloglevel=2)
-    with open(path + ".tmp", "wb") as f:
-        f.write(model.getvalue())
-    os.replace(path + ".tmp", path)
+    _save(path, model.getvalue())
 
 
 def pretrain_llama(llama, tokenizer, texts, steps, batch, block, lr, seed) -> None:

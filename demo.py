@@ -267,7 +267,7 @@ def _demo_sa_med2d(root, rng, counts):
             for i in range(n):
                 image, draw = _canvas(rng, 64, 64, base, amp)
                 # shapes no Slake image has: a bright circle here would read as Slake's tumor
-                _, (liver, spleen) = _two_objects(rng, draw, i + case, 64, 64,
+                _, (liver, spleen) = _two_objects(rng, draw, i, 64, 64,
                                                   [("diamond", (235,) * 3), ("ring", (235,) * 3)])
                 image_id = f"{modality}_00--demo--case_{case:04d}--z_{int(rng.integers(100)):04d}"
                 case += 1
@@ -361,10 +361,13 @@ def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int =
         torch.manual_seed(seed)
         vit = EVAViT(DEMO_EVA)
         # EVAViT leaves zeros for the checkpoint to fill. A trained ViT's features say where each
-        # patch is; a random one's say so only if its position embeddings are as large as its patch
-        # embeddings (std ~0.5 here), not EVA's initial 0.02. Without this, where an image token
-        # lies is all but lost, and REC, REG and "which side?" cannot be learned.
-        torch.nn.init.trunc_normal_(vit.pos_embed, std=0.5)
+        # patch is, and its position embeddings vary smoothly with the patch's row and column. A
+        # random ViT's features say so only if its position embeddings are as large as its patch
+        # embeddings (~0.5 here, not EVA's initial std 0.02), and "left" is one direction in them
+        # only if they are smooth: so 2-D sin-cos ones (as MAE's). Without this, REC, REG and
+        # "which side?" are learned late or not at all.
+        with torch.no_grad():
+            vit.pos_embed[0, 1:] = sincos_2d(DEMO_EVA.grid, DEMO_EVA.width)
         torch.nn.init.trunc_normal_(vit.cls_token, std=0.02)
         save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, vit_path + ".tmp",
                   metadata={"format": "pt"})
@@ -384,26 +387,43 @@ def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int =
         save_pretrained(llama, config, llama_dir)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid * grid, dim] position embeddings of a grid x grid patch raster: half of the channels
+    encode the row, half the column, as the sines and cosines of dim/4 frequencies. MAE's fixed
+    embeddings, with frequencies from 1 down to ~1/grid (not 1/10000) so that every channel varies
+    across a small grid; their std is then ~0.5."""
+    pos = torch.arange(grid, dtype=torch.float32)
+    freq = 1.0 / grid ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    angle = pos[:, None] * freq[None]                                    # [grid, dim/4]
+    wave = torch.cat([angle.sin(), angle.cos()], dim=1)                  # [grid, dim/2]
+    rows, cols = wave[:, None].expand(grid, grid, -1), wave[None].expand(grid, grid, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim)
+
+
 def demo_texts(data_root: str) -> list[str]:
     """The training split's prompts and answers as chat text, the way Uni-Med will see them
-    (training templates taken in turn). Every other prompt is written as the evaluation writes it
-    (one space before [/INST], not training's two): a real LLaMA reads both alike, but a tiny one
-    that never saw the evaluation's form does not stop after "left" and goes on as a report."""
+    (training templates taken in turn)."""
     texts = []
     for dataset in data.load_datasets(data_root, "train", train=True).values():
         for i in range(len(dataset)):
             s = dataset.get(i, i % len(dataset.templates))
-            texts.append(f"{build_prompt(s.instruction, s.image is not None, i % 2 == 0)} {s.answer}")
+            texts.append(f"{build_prompt(s.instruction, s.image is not None, train=True)} {s.answer}")
     return texts
 
 
 def write_tokenizer(texts: list[str], path: str, vocab_size: int) -> None:
-    """Train a LLaMA-style sentencepiece BPE (byte fallback, split digits, <unk>/<s>/</s> = 0/1/2)."""
+    """Train a LLaMA-style sentencepiece BPE (byte fallback, split digits, <unk>/<s>/</s> = 0/1/2).
+
+    One difference from LLaMA-2's: runs of spaces fold into one. Training prompts have two spaces
+    before [/INST] and evaluation prompts one (model.build_prompt), as in the official code. A
+    real LLaMA reads both alike; a tiny one trained on one form answers the other far worse
+    (Slake-REG accuracy 75 in the evaluation's form, 100 in training's: same checkpoint, same
+    test images)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=True,
         add_dummy_prefix=True, allow_whitespace_only_pieces=True, num_threads=1,
         input_sentence_size=0, shuffle_input_sentence=False, hard_vocab_limit=False, minloglevel=2)
     _save(path, model.getvalue())

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import data
-from demo import DEMO_CHANCE, demo_texts, make_demo
+from demo import DEMO_CHANCE, demo_texts, make_demo, sincos_2d, write_tokenizer
+from model import Tokenizer, build_prompt
 
 
 @pytest.fixture(scope="module")
@@ -514,6 +515,48 @@ def test_demo_train_and_test_are_disjoint(demo):
     answers = Counter(test["dermamnist"][i].answer for i in range(18))
     assert sorted(answers.values()) == [6, 6, 6]
     assert set(DEMO_CHANCE) == set(data.DATASETS)
+
+
+def test_demo_boxes_put_every_object_in_every_quadrant(demo):
+    """REC and REG are learnable only if where an object lies is not given away by its name: in
+    each split every named object sits in each of the 4 quadrants about equally often. (SA-Med2D
+    once put its liver only on the left in training and only on the right in half of the test.)"""
+    for name in ("slake_rec", "sa_med2d_rec"):
+        for split in ("train", "test"):
+            ds = data.load_datasets(demo, split, names=[name], train=False)[name]
+            quadrants = Counter()
+            for i in range(len(ds)):
+                s = ds.get(i)
+                (x, y, w, h), (W, H) = s.box, s.image_size
+                quadrants[s.instruction.split()[-1], (x + w / 2) / W > 0.5, (y + h / 2) / H > 0.5] += 1
+            for obj in {key[0] for key in quadrants}:
+                counts = [quadrants[obj, right, lower] for right in (False, True) for lower in (False, True)]
+                assert min(counts) >= 0.15 * sum(counts), (name, split, obj, counts)
+
+
+def test_demo_tokenizer_reads_training_and_evaluation_prompts_alike(demo, tmp_path):
+    """Training writes two spaces before [/INST] and evaluation one (build_prompt); the demo's
+    tokenizer folds runs of spaces, so the tiny LLaMA sees one prompt, as a real LLaMA in effect does."""
+    write_tokenizer(demo_texts(demo), str(tmp_path / "tokenizer.model"), 640)
+    tokenizer = Tokenizer(str(tmp_path / "tokenizer.model"))
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+    for instruction in ("[identify] what object is in this location {<7><57><40><90>}",
+                        "[caption] Describe this input image. "):
+        train, evaluation = (build_prompt(instruction, True, train=t) for t in (True, False))
+        assert train != evaluation
+        assert tokenizer.encode(train) == tokenizer.encode(evaluation)
+    assert tokenizer.decode(tokenizer.encode("the left lung")) == "the left lung"
+
+
+def test_sincos_position_embeddings_say_row_and_column():
+    """demo.sincos_2d: the first half of the channels depends on the patch's row only, the second
+    on its column only; neighbouring patches are closer than far ones; std about 0.5."""
+    grid, dim = 8, 96
+    e = sincos_2d(grid, dim).reshape(grid, grid, dim)
+    assert torch.equal(e[:, :1, : dim // 2].expand(grid, grid, dim // 2), e[..., : dim // 2])
+    assert torch.equal(e[:1, :, dim // 2:].expand(grid, grid, dim // 2), e[..., dim // 2:])
+    assert (e[0, 0] - e[0, 1]).norm() < (e[0, 0] - e[0, 7]).norm()
+    assert 0.4 < e.std().item() < 0.7
 
 
 def test_demo_text_covers_templates_and_answers(demo):

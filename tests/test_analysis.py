@@ -2,7 +2,6 @@
 the figures, the training curves of a log, and the whole analysis on a short demo checkpoint."""
 import contextlib
 import json
-import math
 import os
 
 import numpy as np

@@ -5,8 +5,6 @@ import json
 import os
 import pickle
 import shutil
-import sys
-import types
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -285,13 +283,7 @@ def test_mixture_batches_come_from_one_dataset(demo):
 # -------------------------------------------------------------------------------------------------
 # Batching
 
-def test_collate(demo, monkeypatch):
-    try:
-        import vision  # noqa: F401
-    except ImportError:  # vision.py not written yet: a stand-in with its contract
-        fake = types.ModuleType("vision")
-        fake.preprocess = lambda image, size=224: torch.zeros(3, size, size)
-        monkeypatch.setitem(sys.modules, "vision", fake)
+def test_collate(demo):
     sets = data.load_datasets(demo, "test", train=False)
     batch = data.collate([sets["slake_rec"][i] for i in range(4)], image_size=32)
     assert batch.images.shape == (4, 3, 32, 32) and batch.task == "refer"
@@ -403,7 +395,7 @@ def test_medpix_keeps_a_cell_reading_none(demo, tmp_path):
     lines = open(path).read().splitlines()
     names = [line.split(",")[0] for line in lines[1:5]]
     lines += [f"{names[0]},None,caption", f"{names[1]},NA,caption", f"{names[2]},nan,caption",
-              f"{names[3]},NULL,caption", f"None,a caption whose image is missing,caption"]
+              f"{names[3]},NULL,caption", "None,a caption whose image is missing,caption"]
     open(path, "w").write("\n".join(lines) + "\n")
     ds = data.load_datasets(root, "train", names=["medpix"])["medpix"]
     assert len(ds) == 320 + 1 and ds[320].answer == "None" and ds.rows[320].id == f"medpix/{names[0]}"

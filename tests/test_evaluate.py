@@ -7,7 +7,6 @@ Everything runs on a tiny UniMed over the demo's base weights (built once per mo
 LLaMA pre-training), with a checkpoint written directly; the slow test evaluates a short demo run.
 """
 import json
-import os
 import re
 from dataclasses import asdict
 

@@ -25,7 +25,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
+import safetensors.torch
 from tqdm import tqdm
 
 import data
@@ -369,9 +369,8 @@ def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int =
         with torch.no_grad():
             vit.pos_embed[0, 1:] = sincos_2d(DEMO_EVA.grid, DEMO_EVA.width)
         torch.nn.init.trunc_normal_(vit.cls_token, std=0.02)
-        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, vit_path + ".tmp",
-                  metadata={"format": "pt"})
-        os.replace(vit_path + ".tmp", vit_path)
+        _save(vit_path, safetensors.torch.save({k: v.contiguous() for k, v in vit.state_dict().items()},
+                                               metadata={"format": "pt"}))
     if not os.path.exists(os.path.join(llama_dir, "model.safetensors")):
         texts = demo_texts(data_root)
         os.makedirs(llama_dir, exist_ok=True)

@@ -11,7 +11,10 @@ Inputs are token ids or `inputs_embeds` (Uni-Med splices image embeddings into t
 an attention mask for padded batches. Generation takes left-padded batches, keeps a preallocated
 KV cache, decodes greedily or by temperature / top-p sampling and stops each row at its own eos.
 
-Chapter outline: config, layers, Llama, generation, loading and saving, tokenizer, CLI.
+Chapter outline. LLaMA-2: config, layers, Llama (with generation), loading and saving official
+weights, tokenizer. Then, below the double rule, Uni-Med: its config and chat prompt, the model
+(the image path; the text path, with the training loss and generation; what training saves),
+checkpoints (ours and the official runner's, one loader), CLI.
 """
 import argparse
 import contextlib

@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import files
+from lib import files
+from vision import preprocess
 
 
 # -------------------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def box_to_text(box, image_size) -> str:
     return "{{<{}><{}><{}><{}>}}".format(*grid)
 
 
-_BOX_RE = re.compile(r"\{<\d{1,3}><\d{1,3}><\d{1,3}><\d{1,3}>\}")
+BOX = re.compile(r"\{<(\d{1,3})><(\d{1,3})><(\d{1,3})><(\d{1,3})>\}")  # "{<x1><y1><x2><y2>}"
 
 
 def parse_box(text: str) -> Optional[tuple]:
@@ -154,10 +155,8 @@ def parse_box(text: str) -> Optional[tuple]:
     `<unk>` and all spaces are removed; the text must then *start* with {<d><d><d><d>} (1-3 digits
     each); anything after it is ignored. Scaling to pixels (x * W / 100) is left to evaluation.
     """
-    text = text.replace("<unk>", "").replace(" ", "").strip()
-    if not _BOX_RE.match(text):
-        return None
-    return tuple(int(n) for n in re.findall(r"\d+", text)[:4])
+    m = BOX.match(text.replace("<unk>", "").replace(" ", "").strip())
+    return m and tuple(int(n) for n in m.groups())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -449,25 +448,18 @@ def default_paths(root, split) -> dict:
     }
 
 
-def load_datasets(root, split, names=None, train=None, paths=None) -> dict:
+def load_datasets(root, split, names=None, train=None) -> dict:
     """Build the datasets of one split ("train" or "test") found under `root`.
 
     names: dataset ids (default: all; "medmnist" means both MedMNIST sets). An absent dataset is
     skipped with one warning line, unless it was named, then it is an error.
     train (default: split == "train"): return the training mixture's members, i.e. Derma and OrganS
     joined as "medmnist" like the official ConcatDataset. Templates are chosen by the `Mixture`.
-    paths: overrides as {"dataset.key": path}, e.g. {"mimic_cxr.images": "/data/mimic"}.
     """
     train = split == "train" if train is None else train
     wanted = list(DATASETS) if names is None else [n for name in names
                                                    for n in (MEDMNIST if name == "medmnist" else [name])]
     table = default_paths(root, split)
-    for key, path in (paths or {}).items():
-        name, _, field = key.partition(".")
-        if name not in table or field not in table[name]:
-            valid = ", ".join(f"{n}.{k}" for n in table for k in table[n])
-            raise ValueError(f"unknown data path override '{key}'; valid keys: {valid}")
-        table[name] = {**table[name], field: path}
     out = {}
     for name in wanted:
         if name not in LOADERS:
@@ -566,9 +558,8 @@ class Mixture:
 # Batching
 
 def collate(samples: list, image_size: int = 224) -> Batch:
-    """Samples of one dataset -> Batch. The task is the first [...] of the first instruction."""
-    from vision import preprocess  # lazy: vision.py is only needed once images are batched
-    tasks = {re.match(r"\[(\w+)\]", s.instruction).group(1) for s in samples}
+    """Samples of one task -> Batch: images preprocessed for the ViT and stacked."""
+    tasks = {s.task for s in samples}
     if len(tasks) != 1:
         raise ValueError(f"collate: a batch must hold one task, got {sorted(tasks)} "
                          f"(samples {[s.id for s in samples]})")

@@ -12,7 +12,7 @@ METEOR: tests/test_meteor.py, to the jar's statistics):
   corpus_bleu             pycocoevalcap Bleu(4) on PTBTokenizer       RG (report generation)
   rouge                   `rouge` 1.0.1 (pltrdy) get_scores, F         RG
   rouge_google            rouge-score (Google) definition, F          (comparison only)
-  meteor                  pycocoevalcap Meteor (Java METEOR 1.5)      RG (meteor.py)
+  meteor                  pycocoevalcap Meteor (Java METEOR 1.5)      RG (lib/meteor.py)
   iou, rec_iou            eval_utils.computeIoU (+1 pixel)            REC
 
 Quirks reproduced on purpose (they define the published numbers):
@@ -34,24 +34,9 @@ Quirks reproduced on purpose (they define the published numbers):
     step overwrites the shared records with normalised text first (score_dataset says how).
   * IoU has no check for a reversed box, so one reversed by less than a pixel overlaps a little.
 
-PTB tokenisation (corpus_bleu). pycocoevalcap runs Stanford CoreNLP 3.4.1's PTBTokenizer in Java
-(-preserveLines -lowerCase) and then drops punctuation tokens. `ptb_tokenize` re-creates the part of
-that lexer that survives the punctuation removal: words with inner hyphens/slashes/apostrophes,
-numbers (1,000 / 3.5 / 10:30 / 1/2 / -5), clitics (do n't, it 's, ca n't), cannot/gonna/wanna,
-abbreviations that keep their period (dr. e.g. u.s. vs.), brackets as -lrb- etc. (lower-cased, so
-pycocoevalcap does *not* remove them), runs like "!!" and "**", SGML tags, fraction and currency
-normalisation. Known gaps (rare in reports; identical tokens on the whole test corpus otherwise):
-the full abbreviation lists of the JFlex lexer (we keep the common ones), number+unit splits such
-as "3.5cm" -> "3.5 cm" (we keep "3.5cm"), "a..b", "rock'n'roll", HTML entities, and characters the
-Java lexer silently drops (we drop only characters outside the BMP, e.g. emoji).
-
-METEOR. The official RG metric is pycocoevalcap's Meteor: Java METEOR 1.5 run as `-l en -norm` on
-the normalize_word'ed, PTB-tokenised texts, reporting the corpus score of its EVAL line. meteor.py
-re-implements the jar from its own data files (the jar, read as a zip, and data/paraphrase-en.gz,
-found through --meteor-data / $METEOR_DATA / the installed pycocoevalcap): on the test corpora every
-sample's statistics equal the jar's. Without those files it runs METEOR 1.5's exact and stem modules
-only; evaluate.py then says so and marks the column, as those numbers are not the paper's METEOR.
-(The former nltk-style METEOR gave 0.3953 on the 133 test pairs where the jar gives 0.2454.)
+Report generation runs the official route: normalize_word, then PTB tokenisation as pycocoevalcap's
+PTBTokenizer (Stanford CoreNLP) does it, then BLEU and METEOR 1.5 (lib/meteor.py, read from the jar's
+own data files; without them, METEOR's exact and stem modules only, marked METEOR*).
 
 Usage: python metrics.py predictions.jsonl  (fields: task, prediction, reference, answer_type for
 VQA, box [x, y, w, h] and image_size [W, H] for REC); evaluate.py scores with the same score_dataset.
@@ -61,7 +46,9 @@ import re
 import sys
 from collections import Counter
 
-from meteor import corpus_score, meteor_data, segment_stats
+from data import parse_box
+from lib.files import read_jsonl
+from lib.meteor import corpus_score, meteor_data, segment_stats
 
 # -----------------------------------------------------------------------------------------------
 # 1. Answer normalisation (evaluate_metrics.py, copied from the VQA evaluation API)
@@ -599,8 +586,6 @@ def score_dataset(task, records):
 
 def read_records(path):
     """The rows of a predictions .jsonl, grouped by task and cleaned as evaluate.py cleans them."""
-    from data import parse_box  # the box format lives in data.py; only the command line needs it here
-    from files import read_jsonl
     by_task = {}
     for n, row in read_jsonl(path, "predictions"):
         if not isinstance(row, dict):

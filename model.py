@@ -1,22 +1,14 @@
 """LLaMA-2 and the assembled Uni-Med.
 
-Uni-Med's language model is LLaMA-2-7B-chat, written here by hand so that every step is visible:
-RMSNorm, rotary position embeddings (RoPE) in the layout of the Hugging Face weights, grouped-query
-attention through `F.scaled_dot_product_attention`, a SwiGLU MLP and an untied output head. The
-model loads the official `Llama-2-7b-chat-hf` safetensors (sharded or single-file) straight onto
-its parameters from the `meta` device, so host memory peaks near the size of the weights, and it
-writes the same on-disk format back (`save_pretrained`), without the transformers library.
+Part one is LLaMA-2-7B-chat, by hand: RMSNorm, rotary position embeddings in the layout of the HF
+weights, grouped-query attention through SDPA, a SwiGLU MLP, an untied head; generation with a
+preallocated KV cache; loading the official `Llama-2-7b-chat-hf` safetensors through one key map.
 
-Inputs are token ids or `inputs_embeds` (Uni-Med splices image embeddings into the prompt), with
-an attention mask for padded batches. Generation takes left-padded batches, keeps a preallocated
-KV cache, decodes greedily or by temperature / top-p sampling and stops each row at its own eos.
-
-Chapter outline. LLaMA-2: config, layers, Llama (with generation), loading and saving official
-weights, tokenizer. Then, below the double rule, Uni-Med: its config and chat prompt, the model
-(the image path; the text path, with the training loss and generation; what training saves),
-checkpoints (ours and the official runner's, one loader), CLI.
+Part two, below the double rule, is Uni-Med: the frozen EVA ViT-G and ln_vision, the Connector-MoE
+(cmoe.py) and the LLaMA with LoRA (lora.py), joined by the chat prompt. `UniMed.forward` is the
+training loss (Section 3.3); `UniMed.generate` answers; `UniMed.from_checkpoint` loads any trained
+checkpoint, ours or the official runner's (lib/checkpoint.py maps the official names).
 """
-import argparse
 import contextlib
 import os
 import re
@@ -28,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
-from safetensors.torch import save_file
+
 from cmoe import Connector, ConnectorConfig
-from files import load_safetensors, read_json, read_sentencepiece, read_torch, write_json
+from lib.checkpoint import is_ours, locate, official_config, official_to_ours, read_checkpoint
+from lib.files import load_safetensors, read_json, read_sentencepiece
 from lora import TARGETS as LORA_TARGETS, apply_lora
 from vision import EVAConfig, EVAViT
 
@@ -72,16 +65,6 @@ class LlamaConfig:
                    hidden_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"], norm_eps=hf["rms_norm_eps"],
                    rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
                    max_seq_len=hf["max_position_embeddings"])
-
-    def to_hf(self) -> dict:
-        """The `config.json` fields of the official Llama-2 checkpoints."""
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-                "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-                "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size,
-                "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "rope_scaling": None,
-                "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": False,
-                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -289,22 +272,20 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_id: int = 2, use_cache: bool = True, compile: bool = False) -> list[list[int]]:
+                 eos_id: int = 2, compile: bool = False) -> list[list[int]]:
         """New token ids (eos excluded) for each prompt, decoded as one left-padded batch."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("Llama.generate: every prompt needs at least one token")
         device = self.embed.weight.device
         embeds, mask = pad_rows([self.embed(torch.tensor(p, device=device)) for p in prompts], left=True)
-        return self.generate_from_embeds(embeds, mask, max_new_tokens, temperature, top_p, eos_id, use_cache, compile)
+        return self.generate_from_embeds(embeds, mask, max_new_tokens, temperature, top_p, eos_id, compile)
 
     @torch.no_grad()
     def generate_from_embeds(self, inputs_embeds, attention_mask=None, max_new_tokens: int = 100,
-                             temperature: float = 0.0, top_p: float = 1.0, eos_id: int = 2, use_cache: bool = True,
+                             temperature: float = 0.0, top_p: float = 1.0, eos_id: int = 2,
                              compile: bool = False) -> list[list[int]]:
         """Decode after prompt embeddings [B, T, dim], left-padded with attention_mask [B, T] (1 = real)
-        or unpadded (None). With use_cache the prompt is run once and each step feeds the new token to
-        `decode_step` (compiled with `compile`); without it, every step re-runs the whole sequence
-        (slow; the reference the cache is tested against)."""
+        or unpadded (None): the prompt runs once, then each new token goes through `decode_step`."""
         B, T, _ = inputs_embeds.shape
         if max_new_tokens < 1:
             raise ValueError(f"Llama.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -314,32 +295,24 @@ class Llama(nn.Module):
         if attention_mask is not None and not attention_mask[:, -1].all():
             raise ValueError("Llama.generate: prompts must be left-padded (attention_mask[:, -1] all 1)")
         device = inputs_embeds.device
-        cache = self.kv_cache(B, T + max_new_tokens, device, inputs_embeds.dtype, compile) if use_cache else None
-        step_fn = self.decode_function(compile) if use_cache else None
-        L = cache.k[0].shape[2] if use_cache else T + max_new_tokens
-        key_mask = torch.ones(B, L, dtype=torch.bool, device=device)  # [B, L]: False on prompt padding
+        cache = self.kv_cache(B, T + max_new_tokens, device, inputs_embeds.dtype, compile)
+        step_fn = self.decode_function(compile)
+        key_mask = torch.ones(B, cache.k[0].shape[2], dtype=torch.bool, device=device)  # False on prompt padding
         if attention_mask is not None:
             key_mask[:, :T] = attention_mask.bool()
         logits = self(inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]
         out = torch.zeros(max_new_tokens, B, dtype=torch.long, device=device)  # step-major: out[step] is contiguous
         out[0] = sample(logits.float(), temperature, top_p)
         slot = torch.full((1,), T, device=device)  # the cache slot of the first new token
-        x = inputs_embeds
         for step in range(1, max_new_tokens):
             # Stop once every row has its eos (rows go on past theirs meanwhile: the tail is cut below).
             # Asking is a host sync, which idles a GPU while Python prepares the next step, so only
             # every 8 tokens, and only if eos can occur.
             if eos_id >= 0 and step % 8 == 0 and (out[:step] == eos_id).any(0).all():
                 break
-            if use_cache:
-                if compile:
-                    torch.compiler.cudagraph_mark_step_begin()  # this step overwrites the last one's outputs
-                out[step], _ = step_fn(out[step - 1], slot + (step - 1), key_mask, cache, temperature, top_p)
-            else:
-                x = torch.cat([x, self.embed(out[step - 1])[:, None]], dim=1)
-                mask = None if attention_mask is None else key_mask[:, :T + step]
-                logits = self(inputs_embeds=x, attention_mask=mask, last_only=True)[:, -1]
-                out[step] = sample(logits.float(), temperature, top_p)
+            if compile:
+                torch.compiler.cudagraph_mark_step_begin()  # this step overwrites the last one's outputs
+            out[step], _ = step_fn(out[step - 1], slot + (step - 1), key_mask, cache, temperature, top_p)
         return [row[:row.index(eos_id)] if eos_id in row else row for row in out.T.tolist()]
 
     def kv_cache(self, batch: int, length: int, device, dtype, compile: bool) -> KVCache:
@@ -404,28 +377,16 @@ HF_KEYS = [
 ]
 
 
-def _translate(key: str, src: int) -> Optional[str]:
-    """Map `key` through HF_KEYS from column src (0 = HF, 1 = ours) to the other column."""
-    for pair in HF_KEYS:
-        match = re.fullmatch(re.escape(pair[src]).replace(r"\{i\}", r"(\d+)"), key)
-        if match:
-            return pair[1 - src].replace("{i}", match.group(1)) if match.groups() else pair[1 - src]
-    return None
-
-
 def hf_to_ours(key: str) -> Optional[str]:
     """Our parameter name for an official key; None drops it. Unknown keys pass through unchanged,
     so the loader reports them as unexpected tensors."""
     if key.endswith(".rotary_emb.inv_freq"):
         return None  # RoPE's constant frequencies, stored by some older checkpoints; we compute them
-    return _translate(key, 0) or key
-
-
-def ours_to_hf(name: str) -> str:
-    hf = _translate(name, 1)
-    if hf is None:
-        raise KeyError(f"save_pretrained: parameter '{name}' has no official LLaMA name")
-    return hf
+    for hf, ours in HF_KEYS:
+        m = re.fullmatch(re.escape(hf).replace(r"\{i\}", r"(\d+)"), key)
+        if m:
+            return ours.replace("{i}", m.group(1)) if m.groups() else ours
+    return key
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -440,33 +401,6 @@ def checkpoint_files(path: str) -> list[str]:
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors found")
-
-
-def save_pretrained(model: Llama, config: LlamaConfig, path: str, max_shard_size: Optional[int] = None) -> None:
-    """Write `model` in the official HF layout: config.json and model.safetensors, or shards of at
-    most max_shard_size bytes (a tensor larger than that gets a shard of its own) plus the index."""
-    os.makedirs(path, exist_ok=True)
-    tensors = {ours_to_hf(name): t.detach().contiguous() for name, t in model.state_dict().items()}
-    shards, size = [{}], 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if max_shard_size is not None and shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(path, name) + ".tmp", metadata={"format": "pt"})
-        os.replace(os.path.join(path, name) + ".tmp", os.path.join(path, name))
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
-        write_json(os.path.join(path, "model.safetensors.index.json"), index)
-    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    write_json(os.path.join(path, "config.json"), {**config.to_hf(), "torch_dtype": dtype})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -501,15 +435,6 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if int(i) not in special])
 
 
-class WordTokenizer:
-    """Stands in for tokenizer.model where only lengths matter (the shape trace, the memory plan):
-    one token per word, so every length is a stated count."""
-    bos_id, eos_id = 1, 2
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + [3] * len(text.split()) + [self.eos_id] * eos
-
-
 def chat_prompt(instruction: str) -> str:
     """The LLaMA-2 chat template Uni-Med uses (no system prompt)."""
     return f"[INST] {instruction} [/INST]"
@@ -529,7 +454,7 @@ class UniMedConfig:
     lora_r: int = 8              # Table 2(d) varies it over 4..64
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    lora_experts: int = 1        # > 1 turns every LoRA into LoRA-MoE (Table 2e: 5 experts, r 4, alpha 8)
+    lora_experts: int = 1        # > 1 turns every LoRA into LoRA-MoE (Table 2e; LORA_MOE below)
     lora_top_k: int = 2          # LoRA-MoE's sparse router keeps this many experts
     max_txt_len: int = 1024      # answer tokens (official config)
     max_context_len: int = 3800  # prompt + image embeddings (official config)
@@ -540,6 +465,9 @@ class UniMedConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "UniMedConfig":
         return cls(**{**d, "connector": ConnectorConfig(**d["connector"])})
+
+
+LORA_MOE = dict(lora_experts=5, lora_r=4, lora_alpha=8.0)  # Table 2(e)'s LoRA-MoE (spec section 3)
 
 
 def build_prompt(instruction: str, has_image: bool, train: bool) -> str:
@@ -598,9 +526,9 @@ class UniMed(nn.Module):
         (tests use a tiny one). bf16 base weights on a GPU, fp32 on the CPU.
         """
         ckpt = ckpt if ckpt is not None else read_checkpoint(path)
-        official = ckpt.get("format") != "unimed-ckpt"
+        official = not is_ours(ckpt)
         if official:
-            config = UniMedConfig.from_dict(official_config(ckpt, path))
+            config = UniMedConfig.from_dict(official_config(ckpt, path, LORA_TARGETS))
             vit_config = official_vit or EVAConfig(img_size=ckpt["config"]["model"].get("image_size", 224))
             llama_dir = llama_dir or ckpt["config"]["model"].get("llm_model_path") or None
             if not llama_dir or not vit_path:
@@ -670,8 +598,8 @@ class UniMed(nn.Module):
         """Right-padded rows `<s> prompt answer </s>` for teacher forcing (spec section 4).
 
         Returns embeds [B, T, D], attention mask [B, T] (None if no row is padded), labels [B, T]
-        (-100 everywhere but on the answer and its </s>, so only the answer is learned) and the
-        routing weights."""
+        (-100 everywhere but on the answer and its </s>, so only the answer is learned), the
+        routing weights and the number of real (unpadded) tokens, counted on the host."""
         image_embeds, routing_weights = (None, None) if images is None else self.encode_images(images, task)
         prompts = self.embed_prompts(instructions, image_embeds, train=True)
         bos = self.embed_ids([self.tokenizer.bos_id])                           # [1, D]
@@ -682,19 +610,19 @@ class UniMed(nn.Module):
             labels.append(torch.tensor([-100] * (1 + len(prompt)) + answer_ids))
         embeds, mask = pad_rows(rows, left=False)                                # [B, T, D], [B, T]
         labels = pad_sequence(labels, batch_first=True, padding_value=-100).to(embeds.device)
-        return embeds, mask, labels, routing_weights
+        return embeds, mask, labels, routing_weights, sum(len(row) for row in rows)
 
     def forward(self, images: Optional[torch.Tensor], instructions: list[str], answers: list[str],
                 task: str):
-        """Mean cross-entropy over the answer tokens of one single-task batch, and the routing
-        weights [B, T_img, N] (None for QA, or a connector without experts)."""
+        """Mean cross-entropy over the answer tokens of one single-task batch, the routing weights
+        [B, T_img, N] (None for QA, or a connector without experts) and the batch's token count."""
         with self.autocast():
-            embeds, mask, labels, routing_weights = self.training_inputs(images, instructions, answers, task)
+            embeds, mask, labels, routing_weights, tokens = self.training_inputs(images, instructions, answers, task)
             logits = self.llama(inputs_embeds=embeds, attention_mask=mask)          # [B, T, V]
         # Position t predicts token t + 1.
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                ignore_index=-100)
-        return loss, routing_weights
+        return loss, routing_weights, tokens
 
     @torch.no_grad()
     def generate(self, images: Optional[torch.Tensor], instructions: list[str], task: str,
@@ -740,172 +668,6 @@ class UniMed(nn.Module):
                 p.copy_(state[name])
 
 
-# -------------------------------------------------------------------------------------------------
-# Checkpoints: ours (train.py) and the official runner's checkpoint_N.pth, loaded by one function
-
-def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint without unpickling code, with an error that says what is wrong with it."""
-    ckpt = read_torch(path, "checkpoint")
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: not a Uni-Med checkpoint: expected a dict with a 'model' entry "
-                         f"(trainable weights), got {type(ckpt).__name__}"
-                         + (f" with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else ""))
-    if ckpt.get("format") == "unimed-ckpt":
-        missing = [k for k in ("config", "model") if k not in ckpt]
-        missing += [f"config.{k}" for k in ("unimed", "vit", "llama_dir", "vit_path", "data_root")
-                    if k not in ckpt.get("config", {})]
-        if missing:
-            raise ValueError(f"{path}: Uni-Med checkpoint without {', '.join(missing)}")
-        return ckpt
-    if "format" in ckpt:
-        raise ValueError(f"{path}: unknown checkpoint format {ckpt['format']!r} (expected 'unimed-ckpt')")
-    if not any(k.startswith(("llm_proj.", "moe_layers.", "task_tokens.", "llm_model.")) for k in ckpt["model"]):
-        raise ValueError(f"{path}: not a Uni-Med checkpoint: no 'format' entry (ours) and no "
-                         f"official tensors (llm_proj.*, task_tokens.*, llm_model.*) in 'model'")
-    return ckpt  # the official layout
-
-
-# Official names (uni_med/models/uni_med.py; peft wraps the LLaMA as llm_model.base_model.model):
-#   task_tokens.<task>                                       [1, 1, task_token_c]
-#   llm_proj.<k>.{0,2}.{weight,bias}                         expert k of moe_mlp (0 = Linear in,
-#                                                            1 = GELU, 2 = Linear out)
-#   moe_layers.<k>.{0,2}.{weight,bias}                       the same experts again (see official_to_ours)
-#   llm_proj.{weight,bias} / llm_proj.{0,2}.*                linear / mlp2x_gelu connector
-#   router.fc1.*, router.fc2.*                               the router MLP
-#   llm_model.base_model.model.model.layers.<i>.{self_attn,mlp}.<proj>.lora_{A,B}.default.weight
-OFFICIAL_LORA = re.compile(r"llm_model\.base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
-                           r"(\w+_proj)\.lora_([AB])\.default\.weight")
-OFFICIAL_EXPERT = re.compile(r"llm_proj\.(\d+)\.([02])\.(weight|bias)")
-OFFICIAL_BUFFER = re.compile(r".*rotary_emb\.inv_freq")  # RoPE's constant frequencies; we compute them
-
-
-def official_config(ckpt: dict, path: str) -> dict:
-    """Our UniMedConfig (as a dict) from the official run config saved in the checkpoint."""
-    model = (ckpt.get("config") or {}).get("model")
-    if not model:
-        raise ValueError(f"{path}: official checkpoint without its run config ('config' -> 'model'); "
-                         f"the router type and connector cannot be read from the tensors alone")
-    projector = model.get("projector_type")
-    moe = bool(model.get("has_moe")) and projector in ("moe_mlp", "moe_linear")
-    if projector not in ("linear", "mlp2x_gelu", "moe_mlp") or (projector == "moe_mlp") != moe:
-        raise ValueError(f"{path}: official projector_type {projector!r} (has_moe "
-                         f"{model.get('has_moe')}) has no equivalent here; supported: linear, "
-                         f"mlp2x_gelu, moe_mlp with has_moe")
-    if moe and model.get("num_task_tokens", 10) != 1:
-        raise ValueError(f"{path}: official num_task_tokens {model.get('num_task_tokens')} is not "
-                         f"supported (the official encode_img only works with 1)")
-    if model.get("lora_target_modules") not in (["all"], list(LORA_TARGETS)):
-        raise ValueError(f"{path}: official lora_target_modules {model.get('lora_target_modules')} "
-                         f"is not supported (only 'all')")
-    connector = {
-        "resampler": model.get("resample_method", "projection"),
-        "rate": model.get("resample_rate", 4),
-        "connector": {"linear": "linear", "mlp2x_gelu": "mlp", "moe_mlp": "moe"}[projector],
-        "experts": model.get("num_experts", 3) if moe else 1,
-        "router": model.get("router_type", "soft"),
-        "router_input": {"router_task_token": "token_task", "router_token": "token",
-                         "router_task": "task"}[model.get("router_method", "router_task_token")],
-        "top_k": model.get("sparse_topk", 2),
-    }
-    return {"connector": connector, "lora_r": model.get("lora_r", 64),
-            "lora_alpha": model.get("lora_alpha", 16), "lora_dropout": model.get("lora_dropout", 0.05)}
-
-
-def official_to_ours(state: dict, config: UniMedConfig, path: str = "checkpoint") -> dict:
-    """Rename the official trainable tensors to ours; one line says what was kept and dropped.
-
-    The official runner (LAVIS's `_save_checkpoint`) saves `state_dict()` less the keys that
-    `named_parameters()` names as frozen, so `checkpoint_N.pth` also holds (1) every expert twice:
-    one ModuleDict is registered as `moe_layers` and again as `llm_proj`, and named_parameters()
-    names only the first (one equal copy is kept); (2) the buffers state_dict() includes, each
-    layer's `rotary_emb.inv_freq` under transformers 4.30 (we compute RoPE's frequencies); (3) a
-    router whenever there are experts (its test `router_type == 'soft' or 'sparse'` is always true,
-    spec section 10), which a hard or constant router never calls, and task tokens nothing reads
-    (linear and MLP connectors, a router that sees the token only). Our router reads [task token,
-    token] in the official order, so its weights need no permutation."""
-    c = config.connector
-    ours, aliases, buffers, unused = {}, [], [], []
-    for key, t in state.items():
-        if key.startswith("moe_layers."):
-            twin = "llm_proj." + key.removeprefix("moe_layers.")
-            if twin not in state:
-                key = twin  # one copy only: it is the expert all the same
-            elif state[twin].shape == t.shape and torch.equal(state[twin], t):
-                aliases.append(key)
-                continue
-            else:
-                raise ValueError(f"{path}: '{key}' and '{twin}' differ, but the official model registers "
-                                 f"one tensor under both names (llm_proj = moe_layers): the file is inconsistent")
-        m_lora, m_expert = OFFICIAL_LORA.fullmatch(key), OFFICIAL_EXPERT.fullmatch(key)
-        if OFFICIAL_BUFFER.fullmatch(key):
-            buffers.append(key)
-        elif m_lora:
-            layer, block, proj, ab = m_lora.groups()
-            block = "attn" if block == "self_attn" else "mlp"
-            ours[f"llama.layers.{layer}.{block}.{proj}.lora_{ab}.weight"] = t
-        elif key.startswith(("task_tokens.", "router.")):  # our names too, in the connector
-            if c.uses_task_tokens if key.startswith("task_tokens.") else c.uses_router_network:
-                ours[f"connector.{key}"] = t
-            else:
-                unused.append(key)
-        elif c.connector == "moe" and m_expert:
-            k, layer, kind = m_expert.groups()
-            ours[f"connector.experts.{k}.{'fc1' if layer == '0' else 'fc2'}.{kind}"] = t
-        elif c.connector == "mlp" and (m := re.fullmatch(r"llm_proj\.([02])\.(weight|bias)", key)):
-            ours[f"connector.proj.{'fc1' if m.group(1) == '0' else 'fc2'}.{m.group(2)}"] = t
-        elif c.connector == "linear" and key in ("llm_proj.weight", "llm_proj.bias"):
-            ours[f"connector.proj.{key.split('.')[1]}"] = t
-        else:
-            raise ValueError(f"{path}: official tensor '{key}' {list(t.shape)} has no counterpart in "
-                             f"a model with connector {c.connector!r}, router {c.router!r}")
-    kinds = sorted({k.split(".")[0] for k in unused})
-    print(f"{path}: official checkpoint: kept {len(ours)} tensors; dropped {len(aliases)} aliases "
-          f"(moe_layers.* = llm_proj.*), {len(buffers)} frozen buffers (rotary_emb.inv_freq), "
-          f"{len(unused)} tensors the official model never uses" + (f" ({', '.join(kinds)})" if kinds else ""))
-    return ours
-
-
-def locate(recorded: str, ckpt_path: str) -> str:
-    """A path recorded in a checkpoint: as written, else relative to the checkpoint's directory
-    (the demo records paths relative to where train.py ran, which is usually beside ckpt.pt)."""
-    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), recorded)
-    return recorded if os.path.exists(recorded) or os.path.isabs(recorded) or not os.path.exists(beside) else beside
-
-
-def checkpoint_data_root(ckpt: dict, path: str, given: Optional[str] = None) -> str:
-    """`given` (--data-root), else the dataset root a checkpoint of ours records (an official one has none)."""
-    recorded = ckpt.get("config", {}).get("data_root") if ckpt.get("format") == "unimed-ckpt" else None
-    if not (given or recorded):
-        raise ValueError(f"{path} does not record a data root: name it with --data-root")
-    return given or locate(recorded, path)
-
-
-def parameter_summary(model: UniMed) -> dict[str, tuple[int, int]]:
-    """Parameters by part of the model: {part: (trainable, frozen)}."""
-    def part(name: str) -> str:
-        if name.startswith("connector."):
-            return {"experts": "connector experts", "proj": "connector experts", "router": "router",
-                    "task_tokens": "task tokens"}[name.split(".")[1]]
-        if name.startswith("llama."):
-            return "LoRA" if ".lora_" in name or ".router." in name else "LLaMA base"
-        return {"vit": "EVA ViT", "ln_vision": "ln_vision"}[name.split(".")[0]]
-    counts: dict[str, list[int]] = {}
-    for name, p in model.named_parameters():
-        counts.setdefault(part(name), [0, 0])[0 if p.requires_grad else 1] += p.numel()
-    return {k: tuple(v) for k, v in counts.items()}
-
-
-def print_summary(config: UniMedConfig) -> None:
-    """Build the full-size Uni-Med (ViT-G + LLaMA-2-7B) on `meta` and print its parameter counts."""
-    with torch.device("meta"):
-        model = UniMed(config, Llama(LlamaConfig()), EVAViT(EVAConfig()), tokenizer=None)
-    rows = parameter_summary(model)
-    print(f"{'part':<20}{'trainable':>16}{'frozen':>16}")
-    for name, (trainable, frozen) in rows.items():
-        print(f"{name:<20}{trainable:>16,}{frozen:>16,}")
-    print(f"{'total':<20}{sum(t for t, _ in rows.values()):>16,}{sum(f for _, f in rows.values()):>16,}")
-
-
 def autocast_off(device: torch.device):
     """Autocast off inside (an fp32 base; ln_vision). The meta device (shapes.py) has none to turn off."""
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
@@ -921,36 +683,3 @@ def pad_rows(rows: list[torch.Tensor], left: bool):
         span = slice(length - r.shape[0], length) if left else slice(0, r.shape[0])
         embeds[i, span], mask[i, span] = r, 1
     return embeds, mask if any(r.shape[0] < length for r in rows) else None
-
-
-# -------------------------------------------------------------------------------------------------
-# CLI
-
-def main():
-    parser = argparse.ArgumentParser(description="Chat with a LLaMA-2 model directory (HF layout), "
-                                     "or print the parameter counts of Uni-Med (--summary).")
-    parser.add_argument("path", nargs="?", help="model directory: config.json, safetensors, tokenizer.model")
-    parser.add_argument("prompt", nargs="?", help="user message, wrapped in [INST] ... [/INST]")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                        help="weights dtype (7B in bfloat16 needs ~13.5 GB)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decode step (CUDA graphs on a GPU): same tokens, faster")
-    parser.add_argument("--summary", action="store_true",
-                        help="build the full-size Uni-Med on the meta device and print parameter counts")
-    args = parser.parse_args()
-    if args.summary:
-        return print_summary(UniMedConfig())
-    if args.path is None or args.prompt is None:
-        parser.error("give a model directory and a prompt, or --summary")
-    model = Llama.from_pretrained(args.path, dtype=getattr(torch, args.dtype), device=args.device)
-    tokenizer = Tokenizer(args.path)
-    prompt = tokenizer.encode(chat_prompt(args.prompt))
-    [answer] = model.generate([prompt], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
-                              compile=args.compile)
-    print(tokenizer.decode(answer).strip())
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,6 @@ checkpoint's (e.g. 448 instead of 224), `from_checkpoint` resizes them at load t
     python vision.py convert eva_vit_g.pth eva_vit_g.safetensors   # once, drops the unused block
 """
 import math
-import os
 import sys
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -27,11 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from files import load_safetensors, open_safetensors, read_torch
+from lib.files import atomic, load_safetensors, open_safetensors, read_torch
 
 
 @dataclass
@@ -104,16 +102,11 @@ class PatchEmbed(nn.Module):
 
 
 class EVAViT(nn.Module):
-    """EVA ViT-G/14 as MiniGPT-v2 / Uni-Med use it: images [B, 3, S, S] -> features [B, 1 + N, width].
-
-    Set `gradient_checkpointing = True` to recompute each block in the backward pass (only matters
-    if gradients flow through the encoder; Uni-Med keeps it frozen).
-    """
+    """EVA ViT-G/14 as MiniGPT-v2 / Uni-Med use it: images [B, 3, S, S] -> features [B, 1 + N, width]."""
 
     def __init__(self, config: EVAConfig):
         super().__init__()
         self.config = config
-        self.gradient_checkpointing = False
         self.patch_embed = PatchEmbed(config)
         # zeros until weights are loaded: the encoder is only ever used with the EVA-CLIP checkpoint
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
@@ -129,10 +122,7 @@ class EVAViT(nn.Module):
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [B, 257, 1408]
         x = x + self.pos_embed
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = block(x)
         return x  # no final norm: ln_vision follows in the assembled model
 
     @classmethod
@@ -205,8 +195,8 @@ def convert(src: str, dst: str, config: Optional[EVAConfig] = None) -> list[str]
     missing = sorted(wanted - set(kept))
     if missing:
         raise ValueError(f"{src}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    save_file(kept, dst + ".tmp", metadata={"format": "pt"})
-    os.replace(dst + ".tmp", dst)
+    with atomic(dst) as f:
+        f.write(save(kept, metadata={"format": "pt"}))
     print(f"wrote {len(kept)} tensors to {dst}; dropped {len(dropped)}: {', '.join(dropped) or '-'}")
     return dropped
 

@@ -5,7 +5,7 @@
 
 Each run is what a user runs: `train.py` on the built-in demo with one flag changed (same steps,
 same data, seeds 0, 1, 2 by default), then `evaluate.py` on the test split. Then the tug-of-war index
-(Eq. 4, analysis.py) of the trained connector, per task, from --batches sampled training batches per
+(Eq. 4, workshop/analysis.py) of the trained connector, per task, from --batches sampled training batches per
 dataset. It prints, per configuration, each dataset's Table 2 metric as mean (min-max) over the
 seeds, the paper's "total delta" against the MLP connector, and the mean tug-of-war index.
 
@@ -29,10 +29,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import analysis  # noqa: E402
+from workshop import analysis  # noqa: E402
 import data  # noqa: E402
-from files import read_json, write_json  # noqa: E402
-from model import UniMed, checkpoint_data_root, read_checkpoint  # noqa: E402
+from lib.files import read_json, write_json  # noqa: E402
+from lib.checkpoint import checkpoint_data_root, read_checkpoint  # noqa: E402
+from model import UniMed  # noqa: E402
 
 CONFIGS = {  # Table 2(a): one connector, then Connector-MoE (5 experts) with each router as the paper ran it
     "linear": ["--connector", "linear"],

@@ -25,8 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import files  # noqa: E402
-from demo import make_demo  # noqa: E402
+from lib import files  # noqa: E402
+from workshop.demo import make_demo  # noqa: E402
 
 # spec section 7, paper Table 4: training rows that name an image file (MedMNIST's arrays are read
 # when the dataset is loaded, and text QA rows have no image: the check does nothing for them)

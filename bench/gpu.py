@@ -7,7 +7,7 @@ Sections, each guarded (a failure prints an ERROR row and the next section runs)
 as soon as it is measured, the table also written to $OUT/gpu_table.md when OUT is set:
   1. bandwidth: a device-to-device copy of 2 GiB (reads and writes every byte: 2 x bytes / time)
   2. training step at full size (bench/train_step.py): s/step, peak memory next to the planner's
-     prediction for the same shapes (train.py --dry-run), MFU
+     prediction for the same shapes (python -m workshop.plan), MFU
   3. EVA ViT-G (39 blocks, 224 px) img/s at batch 1 and 32, against transformers' Blip2VisionModel
   4. LLaMA-2-7B, random bf16 weights: agreement with transformers' LlamaForCausalLM (logits and
      greedy tokens), decode tokens/s at batch 1 for ours eager, transformers eager and ours compiled,
@@ -25,7 +25,8 @@ import torch
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH))
-from model import Llama, LlamaConfig, ours_to_hf  # noqa: E402
+from model import Llama, LlamaConfig  # noqa: E402
+from workshop.hf import hf_config as official_config, ours_to_hf  # noqa: E402
 from vision import EVAConfig  # noqa: E402
 
 
@@ -122,7 +123,7 @@ def training_step(table, device, s, state):
               f"{r['trainable'] / 1e6:.0f}M trainable")
     if r["peak"] is not None:
         table.row("training step", "peak memory allocated (GiB)", f"{r['peak'] / G:.2f}",
-                  f"planned {r['planned'] / G:.2f} (train.py --dry-run)",
+                  f"planned {r['planned'] / G:.2f} (python -m workshop.plan)",
                   f"plan/measured {r['planned'] / r['peak']:.3f}; reserved {r['reserved'] / G:.2f}")
     else:
         table.row("training step", "peak memory (GiB)", "n/a on CPU", f"planned {r['planned'] / G:.3f}", "")
@@ -146,7 +147,7 @@ def vit_throughput(table, device, s, state):
 def hf_llama(model: Llama, config: LlamaConfig, device: str, dtype):
     """transformers' LlamaForCausalLM holding our weights, built on the device in `dtype`."""
     import transformers
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in official_config(config).items() if k != "architectures"})
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

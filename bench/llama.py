@@ -59,8 +59,8 @@ def random_model(config, dtype, device):
 def hf_copy(model, config):
     """transformers' model with our weights (fp32 CPU only: the reference is timed where it runs)."""
     import transformers
-    from model import ours_to_hf
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
+    from workshop.hf import hf_config as official_config, ours_to_hf
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in official_config(config).items() if k != "architectures"})
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     hf.load_state_dict({ours_to_hf(k): v for k, v in model.state_dict().items()})
     hf.generation_config.eos_token_id = None

@@ -36,6 +36,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import HF_KEYS, LlamaConfig  # noqa: E402
+from workshop.hf import hf_config as official_config  # noqa: E402
 
 PROMPT, NEW = 32, 17  # prompt tokens; new tokens of the timed call (the first comes from the prefill)
 SHARD_BYTES = 10 * 10**9  # the official Llama-2-7b-hf has two shards: 9.98 GB and 3.50 GB
@@ -99,7 +100,7 @@ def write_weights(path: str, config: LlamaConfig) -> int:
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**config.to_hf(), "torch_dtype": "bfloat16"}, f)
+        json.dump({**official_config(config), "torch_dtype": "bfloat16"}, f)
     return total
 
 

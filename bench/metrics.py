@@ -16,7 +16,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-import meteor  # noqa: E402
+from lib import meteor  # noqa: E402
 import metrics as M  # noqa: E402
 from test_meteor import varied_pairs  # noqa: E402
 from test_metrics import _generated  # noqa: E402

@@ -5,8 +5,8 @@
 On CUDA the model is the real size with random bf16 weights made on the GPU (no files): EVA ViT-G/14
 (39 blocks) + LLaMA-2-7B, LoRA r8 on every linear layer + Connector-MoE (5 experts, soft router on
 [task token, token]), bf16 frozen weights, fp32 trainable weights under bf16 autocast, gradient
-checkpointing of the LLaMA blocks. The batch and the step are the memory planner's (train.py
---dry-run): batch 4 x (64 image + 128 text) tokens, forward, backward, gradient norm, AdamW, so the
+checkpointing of the LLaMA blocks. The batch and the step are the memory planner's
+(workshop/plan.py): batch 4 x (64 image + 128 text) tokens, forward, backward, gradient norm, AdamW, so the
 measured peak (torch.cuda.max_memory_allocated) stands next to the planned one for the same shapes.
 Targets (issue 10): <= 40 GB peak, <= 0.18 s/step on an H100 (the paper: ~0.36 s/step on an A800).
 On CPU it runs a small shape in fp32 so that the script stays alive in CI-like settings.
@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+from workshop import plan as planner  # noqa: E402
 from model import LlamaConfig, UniMedConfig  # noqa: E402
 from vision import EVAConfig  # noqa: E402
 
@@ -51,20 +51,20 @@ def model_flops(model, llama: LlamaConfig, vit: EVAConfig, batch: int, tokens: i
 
 
 def measure(device: str, llama: LlamaConfig, vit: EVAConfig, dtype, grad_checkpointing: bool, batch_size: int = 4,
-            text_tokens: int = train.PLAN_TEXT_TOKENS, steps: int = 5, warmup: int = 2) -> dict:
+            text_tokens: int = planner.PLAN_TEXT_TOKENS, steps: int = 5, warmup: int = 2) -> dict:
     """Time `steps` training steps after `warmup` ones; the peak covers them all (the first step
     creates AdamW's state, as the plan's step does)."""
     config = UniMedConfig()
-    plan = train.plan_memory(config, llama, vit, dtype=dtype, vit_dtype=dtype, autocast=None,
+    plan = planner.plan_memory(config, llama, vit, dtype=dtype, vit_dtype=dtype, autocast=None,
                              grad_checkpointing=grad_checkpointing, batch_size=batch_size,
                              text_tokens=text_tokens, device=device)
     torch.manual_seed(0)
-    model = train.materialize(train.meta_model(config, llama, vit, dtype, dtype), device)
+    model = planner.materialize(planner.meta_model(config, llama, vit, dtype, dtype), device)
     random_weights(model)
     model.set_gradient_checkpointing(grad_checkpointing)
     model.train()
-    optimizer = train.make_optimizer(model, 1e-6, (0.9, 0.95))
-    batch = train.plan_batch(batch_size, vit.img_size, text_tokens, device)
+    optimizer = planner.make_optimizer(model, 1e-6, (0.9, 0.95))
+    batch = planner.plan_batch(batch_size, vit.img_size, text_tokens, device)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -74,12 +74,12 @@ def measure(device: str, llama: LlamaConfig, vit: EVAConfig, dtype, grad_checkpo
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        train.plan_step(model, optimizer, batch)
+        planner.plan_step(model, optimizer, batch)
         optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    image_tokens = train.num_image_tokens(config.connector, vit)
+    image_tokens = planner.num_image_tokens(config.connector, vit)
     flops = model_flops(model, llama, vit, batch_size, image_tokens + text_tokens, image_tokens)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if cuda else None

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import analysis
+from workshop import analysis
 import data
+from workshop import demo as workshop_demo
 from cmoe import Connector, ConnectorConfig
 from lora import LoRALinear
-from demo import build_demo, make_demo
+from workshop.demo import build_demo, make_demo
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -178,59 +179,6 @@ def test_report_draws_every_figure_for_two_runs(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------
-# Training curves of a train.py log
-
-def log_record(step, offset=0.0):
-    """A train.py log record: three tasks at well-apart losses, two of them routed over 5 experts."""
-    loss = {"vqa": 1.0 + offset, "refer": 2.0 + offset, "qa": 3.0 + offset}
-    return {"step": step, "loss": 2.0, "task_loss": loss, "lr": 1e-4 * step / 150, "grad_norm": 0.5 + step / 300,
-            "tokens_per_s": 100.0, "peak_mem_gb": 1.0,
-            "routing": {"vqa": [0.6, 0.1, 0.1, 0.1, 0.1], "refer": [0.1, 0.1, 0.1, 0.1, 0.6]}}
-
-
-def test_training_curves_one_continuous_curve_per_task(tmp_path):
-    # a run logs steps 10-100, crashes, resumes from its checkpoint at step 50 and logs 60-150 again
-    records = [log_record(s) for s in range(10, 101, 10)] + [log_record(s, offset=0.5) for s in range(60, 151, 10)]
-    log = tmp_path / "ckpt.jsonl"
-    log.write_text("".join(json.dumps(r) + "\n" for r in records))
-    png, curves = analysis.plot_training(str(log))
-    assert png == str(tmp_path / "ckpt.png")
-    with Image.open(png) as img:
-        img.verify()
-    with Image.open(png) as img:
-        assert img.format == "PNG" and img.width == 900  # the README's width
-        pixels = img.convert("RGB")
-    assert list(curves["loss"]) == ["vqa", "refer", "qa"] and list(curves["routing"]) == ["vqa", "refer"]
-    for task, (steps, losses) in curves["loss"].items():
-        assert steps == list(range(10, 151, 10))  # each step once, in order
-        base = {"vqa": 1.0, "refer": 2.0, "qa": 3.0}[task]
-        assert losses == [base + (0.5 if s >= 60 else 0.0) for s in steps]  # the later record of a step wins
-    assert curves["lr"][0] == curves["grad_norm"][0] == list(range(10, 151, 10))
-    assert all(len(weights) == 5 for weights in curves["routing"].values())
-    # every task of the log is drawn as a line across the plot (far more pixels of its colour than
-    # its legend swatch has), and no other task is drawn
-    counts = {colour: n for n, colour in pixels.getcolors(1 << 24)}
-    for task, colour in analysis.TASK_COLOURS.items():
-        if task in curves["loss"]:
-            assert counts.get(colour, 0) > 400, task
-        else:
-            assert colour not in counts, task
-
-
-def test_training_log_errors_name_the_line(tmp_path):
-    log = tmp_path / "bad.jsonl"
-    log.write_text(json.dumps(log_record(10)) + "\n" + '{"step": 20, "task_loss": {"vqa": 1.0}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl, row 1: malformed row, not JSON"):
-        analysis.training_records(str(log))
-    log.write_text(json.dumps({**log_record(10), "task_loss": {"xray": 1.0}}) + "\n")
-    with pytest.raises(ValueError, match=r"row 0: 'task_loss' names unknown tasks \['xray'\]"):
-        analysis.training_records(str(log))
-    log.write_text("")
-    with pytest.raises(ValueError, match="empty file"):
-        analysis.training_records(str(log))
-
-
-# -------------------------------------------------------------------------------------------------
 # The streamed two-pass gradients against the textbook computation, on a toy model with a real Connector
 
 class Toy(torch.nn.Module):
@@ -263,7 +211,7 @@ class Toy(torch.nn.Module):
         else:
             embeds, weights = self.connector(self.vision_features(images), task)  # [B, 4, 8]
             x = embeds.mean(1)
-        return ((self.head(x) - code(answers)) ** 2).mean(), weights
+        return ((self.head(x) - code(answers)) ** 2).mean(), weights, len(answers)
 
 
 @pytest.fixture(scope="module")
@@ -341,8 +289,8 @@ def demo_checkpoint(tmp_path_factory):
     tiny_llama = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, vocab_size=400, max_seq_len=512)
     tiny_eva = EVAConfig(img_size=28, patch_size=7, width=32, depth=1, num_heads=2, mlp_dim=64)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train.demo, "DEMO_LLAMA", tiny_llama)
-        mp.setattr(train.demo, "DEMO_EVA", tiny_eva)
+        mp.setattr(workshop_demo, "DEMO_LLAMA", tiny_llama)
+        mp.setattr(workshop_demo, "DEMO_EVA", tiny_eva)
         mp.chdir(root)
         build_demo(pretrain=dict(steps=10, batch=8, block=64, lr=3e-3))
         train.main(["--router-hidden", "32", "--device", "cpu", "--save-every", "0", "--iters", "3",
@@ -369,13 +317,12 @@ def test_analysis_command_on_demo_checkpoint(demo_checkpoint, tmp_path, monkeypa
     assert len(r["tsne"]["after"]) == len(r["tsne"]["tasks"]) > 6
 
 
-def test_evaluate_analysis_flag_compares_two_checkpoints(demo_checkpoint, tmp_path, monkeypatch):
-    """The issue's command: `python evaluate.py A.pt B.pt --analysis OUT` draws both runs."""
-    import evaluate
+def test_analysis_command_compares_two_checkpoints(demo_checkpoint, tmp_path, monkeypatch):
+    """The README's command: `python -m workshop.analysis A.pt B.pt --out OUT` draws both runs."""
     root, ckpt = demo_checkpoint
     monkeypatch.chdir(root)
     out = str(tmp_path / "out")
-    evaluate.main([ckpt, ckpt, "--analysis", out, "--batches", "1", "--device", "cpu"])
+    analysis.main([ckpt, ckpt, "--out", out, "--batches", "1", "--device", "cpu"])
     result = json.load(open(os.path.join(out, "analysis.json")))
     check_outputs(out, result)
     assert len(result["runs"]) == 2

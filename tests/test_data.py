@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data
-from demo import DEMO_CHANCE, demo_texts, make_demo, sincos_2d, write_tokenizer
+from workshop.demo import DEMO_CHANCE, demo_texts, make_demo, sincos_2d, write_tokenizer
 from model import Tokenizer, build_prompt
 
 
@@ -100,18 +100,6 @@ def test_absent_dataset_skipped_with_one_line_unless_named(demo, tmp_path, capsy
     with pytest.raises(FileNotFoundError, match=r"pubmedqa: expected .*PubMedQA/train_set.json"):
         data.load_datasets(root, "train", names=["pubmedqa"])
 
-
-def test_path_overrides(demo, tmp_path):
-    moved = tmp_path / "elsewhere.jsonl"
-    shutil.copy(os.path.join(demo, "MedQA/questions/US/test.jsonl"), moved)
-    sets = data.load_datasets(str(tmp_path), "test", names=["medqa"], paths={"medqa.questions": str(moved)})
-    assert len(sets["medqa"]) == 16
-    with pytest.raises(ValueError, match="unknown data path override 'medqa.nope'"):
-        data.load_datasets(str(tmp_path), "test", paths={"medqa.nope": "x"})
-
-
-# -------------------------------------------------------------------------------------------------
-# Text processing, boxes
 
 def test_process_text():
     assert data.process_text("  a   b \t\n c  ") == "a b c"
@@ -381,10 +369,6 @@ def test_mimic_splits_read_two_files(demo, tmp_path):
         ds = data.load_datasets(str(root), split, names=["mimic_cxr"])["mimic_cxr"]
         assert [ds[i].answer for i in range(len(ds))] == [data.process_text(r["report"]) for r in want], split
         assert [r.id for r in ds.rows] == [f"mimic_cxr/{r['image_path'][0]}" for r in want], split
-    moved = tmp_path / "elsewhere.json"  # the path can be named
-    json.dump({"test": full[:2]}, open(moved, "w"))
-    ds = data.load_datasets(str(root), "test", names=["mimic_cxr"], paths={"mimic_cxr.annotation": str(moved)})
-    assert len(ds["mimic_cxr"]) == 2
 
 
 def test_medpix_keeps_a_cell_reading_none(demo, tmp_path):

@@ -19,8 +19,9 @@ import evaluate
 import metrics
 import train
 from cmoe import ConnectorConfig
-from model import UniMed, UniMedConfig, read_checkpoint
-from demo import DEMO_EVA, DEMO_PRETRAIN, build_demo, demo_paths
+from lib.checkpoint import read_checkpoint
+from model import UniMed, UniMedConfig
+from workshop.demo import DEMO_EVA, DEMO_PRETRAIN, build_demo, demo_paths
 
 EXPECTED_KEYS = {  # the paper's columns (and the official scripts' extra figures) for each task
     "vqa": {"bleu1", "bleu2", "bleu3", "bleu4", "f1", "closed_acc",
@@ -350,7 +351,7 @@ def official_model_from(source: UniMed, llama_dir: str, experts: int) -> Officia
 def logits_of(model: UniMed, images, instructions, answers, task):
     """The LLaMA's logits [B, T, V] on a teacher-forced batch, the image embeddings and routing weights."""
     with torch.no_grad():
-        embeds, mask, _, weights = model.training_inputs(images, instructions, answers, task)
+        embeds, mask, _, weights, _ = model.training_inputs(images, instructions, answers, task)
         return model.llama(inputs_embeds=embeds, attention_mask=mask), embeds, weights
 
 

@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-import files
+from lib import files
 import train
-from demo import write_tokenizer
+from workshop.demo import write_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-import meteor
+from lib import meteor
 import metrics as M
 from test_metrics import PAIRS
 

@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-import analysis
+from workshop import curves as curves_cli
 import data
-import files
+from workshop import demo as workshop_demo
+from lib import files
 import train
 from model import UniMed
-from demo import build_demo
+from workshop.demo import build_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_LLAMA = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, vocab_size=400, max_seq_len=512)
@@ -33,8 +34,8 @@ def demo(tmp_path_factory):
     """A directory holding a tiny demo/ (what train.py builds when given no weights), made once."""
     root = tmp_path_factory.mktemp("demo_root")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train.demo, "DEMO_LLAMA", TINY_LLAMA)
-        mp.setattr(train.demo, "DEMO_EVA", TINY_EVA)
+        mp.setattr(workshop_demo, "DEMO_LLAMA", TINY_LLAMA)
+        mp.setattr(workshop_demo, "DEMO_EVA", TINY_EVA)
         mp.chdir(root)
         build_demo(pretrain=TINY_PRETRAIN)
     return root
@@ -43,7 +44,7 @@ def demo(tmp_path_factory):
 @pytest.fixture
 def run(demo, monkeypatch, tmp_path):
     """run(*flags, out=, stop_at=) trains in the demo directory -> (checkpoint, log records, path)."""
-    monkeypatch.setattr(train.demo, "DEMO_EVA", TINY_EVA)
+    monkeypatch.setattr(workshop_demo, "DEMO_EVA", TINY_EVA)
     monkeypatch.chdir(demo)
 
     def run(*flags, out="ckpt.pt", stop_at=None):
@@ -87,24 +88,13 @@ def test_demo_run_learns_and_writes_a_checkpoint(run, tmp_path):
     assert {"step", "loss", "task_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb", "routing"} <= set(log[-1])
     routed = [w for r in log for w in r["routing"].values()]
     assert routed and all(len(w) == 5 and abs(sum(w) - 1) < 1e-3 for w in routed)
-    # the run drew its curves beside the checkpoint: one loss curve per task of the log, every step once
-    with Image.open(path[:-3] + ".png") as img:
+    # its curves: one loss curve per task of the log, every step once
+    _, curves = curves_cli.plot_training(path[:-3] + ".jsonl", str(tmp_path / "curves.png"))
+    with Image.open(tmp_path / "curves.png") as img:
         assert img.format == "PNG" and img.width == 900
-    _, curves = analysis.plot_training(path[:-3] + ".jsonl", str(tmp_path / "again.png"))
     assert set(curves["loss"]) == {t for r in log for t in r["task_loss"]}
     assert set(curves["routing"]) == {t for r in log for t in r["routing"]}
     assert all(steps == sorted(set(steps)) for steps, _ in curves["loss"].values())
-
-
-def test_plot_flag_draws_a_log_and_names_a_bad_one(tmp_path, capsys):
-    log = tmp_path / "run.jsonl"
-    log.write_text(json.dumps({"step": 10, "task_loss": {"vqa": 1.0}, "lr": 1e-3, "grad_norm": 1.0,
-                               "routing": {"vqa": [0.5, 0.5]}}) + "\n")
-    train.main(["--plot", str(log)])
-    assert (tmp_path / "run.png").exists() and f"curves: {tmp_path / 'run.png'}" in capsys.readouterr().out
-    log.write_text(json.dumps({"step": 10, "task_loss": {"xray": 1.0}}) + "\n")
-    with pytest.raises(SystemExit, match="run.jsonl, row 0: 'task_loss' names unknown tasks"):
-        train.main(["--plot", str(log)])
 
 
 def test_resume_is_exact_and_its_log_has_no_repeated_steps(run, tmp_path):
@@ -135,8 +125,7 @@ def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     files.save_torch(path, {"step": 1, "model": {"w": torch.ones(3)}})
 
     def dies_mid_write(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a checkpoint")
+        f.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # as if killed mid-write
     monkeypatch.setattr(files.torch, "save", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
@@ -150,9 +139,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp
     forward = UniMed.forward
 
     def nan_on_third_step(self, *args, **kwargs):
-        loss, weights = forward(self, *args, **kwargs)
+        loss, weights, tokens = forward(self, *args, **kwargs)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 3 else loss), weights
+        return (loss * float("nan") if calls["n"] == 3 else loss), weights, tokens
     monkeypatch.setattr(UniMed, "forward", nan_on_third_step)
     with pytest.raises(SystemExit, match=r"loss is nan at step 3 \(task '\w+'"):
         run("--iters", "6", "--save-every", "2")
@@ -164,7 +153,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp
 def test_bad_data_stops_the_run_before_the_weights_are_loaded(demo, tmp_path, monkeypatch):
     root = tmp_path / "copy"
     shutil.copytree(demo, root)
-    monkeypatch.setattr(train.demo, "DEMO_EVA", TINY_EVA)
+    monkeypatch.setattr(workshop_demo, "DEMO_EVA", TINY_EVA)
     monkeypatch.chdir(root)
     imgs = root / "demo/data/Slake-VQA/imgs"
     os.remove(imgs / "xmlab0/source.jpg")
@@ -237,5 +226,5 @@ def test_every_table_2_ablation_runs_a_step(run, monkeypatch, flags):
 
 
 if __name__ == "__main__":  # a rank of the DDP test, launched by torchrun from the demo directory
-    train.demo.DEMO_EVA = TINY_EVA
+    workshop_demo.DEMO_EVA = TINY_EVA
     train.main()

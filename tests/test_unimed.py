@@ -10,8 +10,8 @@ import sentencepiece as spm
 import torch
 
 from cmoe import ConnectorConfig
-from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt, parameter_summary
-from shapes import TRACE, TRACE_BATCH, trace
+from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, build_prompt
+from workshop.shapes import TRACE, TRACE_BATCH, parameter_summary, trace
 from vision import EVAConfig, EVAViT
 
 WORDS = ("left right upper lower lung liver kidney heart bright dark round square opacity lesion "
@@ -133,8 +133,8 @@ def test_labels_cover_only_the_answer_and_eos(tokenizer):
     model = tiny_unimed(tokenizer)
     images = torch.randn(2, 3, 56, 56)
     answers = ["left lung", "yes"]
-    embeds, mask, labels, weights = model.training_inputs(images, ["[vqa] which side", "[vqa] is the heart round"],
-                                                          answers, "vqa")
+    embeds, mask, labels, weights, tokens = model.training_inputs(
+        images, ["[vqa] which side", "[vqa] is the heart round"], answers, "vqa")
     for row, answer in enumerate(answers):
         before, after = build_prompt(["[vqa] which side", "[vqa] is the heart round"][row], True, True).split("<ImageHere>")
         prompt_len = len(tokenizer.encode(before, bos=False)) + 4 + len(tokenizer.encode(after, bos=False))  # 16 patches / 4
@@ -147,12 +147,13 @@ def test_labels_cover_only_the_answer_and_eos(tokenizer):
         # the answer's embeddings are the LLaMA's own token embeddings
         assert torch.equal(embeds[row, 1 + prompt_len:real], model.llama.embed.weight[answer_ids])
     assert weights.shape == (2, 4, 5)
+    assert tokens == int(mask.sum())  # the count train.py logs as tokens/s, read on the host
 
 
 def test_gradients_reach_the_trainable_parts_only(tokenizer):
     model = tiny_unimed(tokenizer)
     model.train()
-    loss, _ = model(torch.randn(2, 3, 56, 56), ["[refer] where is the lesion"] * 2, ["{<1><2><3><4>}"] * 2, "refer")
+    loss, _, _ = model(torch.randn(2, 3, 56, 56), ["[refer] where is the lesion"] * 2, ["{<1><2><3><4>}"] * 2, "refer")
     loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
@@ -169,7 +170,7 @@ def test_gradients_reach_the_trainable_parts_only(tokenizer):
 
 def test_text_only_qa_skips_the_image_path(tokenizer):
     model = tiny_unimed(tokenizer)
-    loss, weights = model(None, ["[qa] which side is the heart"], ["left"], "qa")
+    loss, weights, _ = model(None, ["[qa] which side is the heart"], ["left"], "qa")
     assert weights is None and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("connector."))
@@ -189,7 +190,7 @@ def test_every_ablation_switch_runs_one_step(tokenizer, switches):
     model = tiny_unimed(tokenizer, **switches)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    loss, _ = model(torch.randn(2, 3, 56, 56), ["[cls] which colour"] * 2, ["red", "blue"], "cls")
+    loss, _, _ = model(torch.randn(2, 3, 56, 56), ["[cls] which colour"] * 2, ["red", "blue"], "cls")
     loss.backward()
     torch.optim.AdamW(params, lr=1e-3).step()
     assert torch.isfinite(loss)
@@ -225,7 +226,7 @@ def test_tiny_unimed_overfits_two_tasks_and_generates_the_answers(tokenizer):
     model.train()
     for step in range(120):
         task, instructions, answers = batches[step % 2]
-        loss, _ = model(images, instructions, answers, task)
+        loss, _, _ = model(images, instructions, answers, task)
         opt.zero_grad()
         loss.backward()
         opt.step()

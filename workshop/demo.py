@@ -1,6 +1,6 @@
 """The built-in demo: what a real run downloads, in miniature, written in the official formats.
 
-    python demo.py DIR [--seed N]      # only the datasets, under DIR (train.py builds all of demo/)
+    python -m workshop.demo DIR [--seed N]    # only the datasets, under DIR (train.py builds all of demo/)
 
 No machine here reaches a model hub or a dataset host, and a new user should see the whole system
 work in minutes. So `train.py` without --llama/--vit/--data-root builds `demo/` once (`build_demo`):
@@ -29,8 +29,10 @@ import safetensors.torch
 from tqdm import tqdm
 
 import data
-from model import Llama, LlamaConfig, Tokenizer, build_prompt, save_pretrained
+from lib.files import atomic
+from model import Llama, LlamaConfig, Tokenizer, build_prompt
 from vision import EVAConfig, EVAViT
+from workshop.hf import save_pretrained
 
 # -------------------------------------------------------------------------------------------------
 # The datasets in miniature: each in its official layout, with learnable content.
@@ -63,10 +65,8 @@ def _save(path, content):
         content = buf.getvalue()
     elif not isinstance(content, bytes):
         content = json.dumps(content, indent=1, ensure_ascii=False).encode()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    with atomic(path) as f:
         f.write(content)
-    os.replace(path + ".tmp", path)
 
 
 def _npz_bytes(arrays):
@@ -346,6 +346,17 @@ def demo_paths(root: str = DEMO_DIR) -> tuple[str, str, str]:
     return os.path.join(root, "llama"), os.path.join(root, "eva.safetensors"), os.path.join(root, "data")
 
 
+def demo_base(build: bool, hint: str = "", root: str = DEMO_DIR) -> dict:
+    """What train.py trains on when no weights are given (README command 1): the demo's base
+    weights and data, built on first use (by one process: `build`), and its task mixture."""
+    llama_dir, vit_path, data_root = demo_paths(root)
+    if build:
+        print(f"No --llama/--vit/--data-root given: running the built-in demo (tiny weights and data in "
+              f"{root}/). Real run: python train.py --llama DIR --vit eva_vit_g.safetensors --data-root DIR {hint}")
+        build_demo(root)
+    return dict(llama_dir=llama_dir, vit_path=vit_path, data_root=data_root, vit=DEMO_EVA, ratios=DEMO_RATIOS)
+
+
 def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int = 0) -> None:
     """Write what a real run downloads, in miniature: the datasets (make_demo), a tiny EVA
     (.safetensors, official key names) and a tiny LLaMA (HF directory + sentencepiece tokenizer).
@@ -383,7 +394,7 @@ def build_demo(root: str = DEMO_DIR, pretrain: dict = DEMO_PRETRAIN, seed: int =
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 torch.nn.init.normal_(module.weight, std=0.02)
         pretrain_llama(llama, tokenizer, texts, seed=seed, **pretrain)
-        save_pretrained(llama, config, llama_dir)
+        save_pretrained(llama, llama_dir)
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:

@@ -1,26 +1,9 @@
 """Reading and writing files: every read names the file when it fails, every write is atomic.
 
-Every other file of the project reads weights, checkpoints, datasets and results through the
-functions here, so that a truncated download or a foreign file stops the run with one line naming
-the path and what is wrong with it, never a library's traceback that names no file. A missing file
-is a FileNotFoundError; every other unreadable file is a ValueError whose message starts with its
-path. The command lines (train.py, evaluate.py, vision.py convert) catch both and exit with that
-line. It comes first in the reading order because every other file uses it.
-
-  load_safetensors   materialise a module built on the meta device from safetensors files
-  open_safetensors   one safetensors file, its header checked
-  read_torch         a torch checkpoint, without unpickling code (weights_only=True)
-  read_sentencepiece a SentencePiece tokenizer.model
-  read_text          UTF-8 text (the Slake split lists)
-  read_json          a JSON file
-  read_jsonl         a JSON-lines file, as (row, value) pairs
-  read_csv           a CSV file with a header row, as dicts
-  read_plain_pickle  a pickle of plain containers only (Path-VQA), any class or function refused
-  read_npz           arrays of an .npz (MedMNIST), read and CRC-checked now
-  read_image         an image, decoded, as RGB
-  read_image_size    an image's size from its header, and whether the file is complete
-  read_log           the records of a JSON-lines file appended line by line (a torn last line cut off)
-  save_torch, write_json, write_jsonl   written atomically
+The book reads weights, checkpoints, datasets and results through these functions, so that a
+truncated download or a foreign file stops the run with one line naming the path and what is wrong,
+never a library's traceback. A missing file is a FileNotFoundError; any other unreadable file is a
+ValueError whose message starts with its path. The command lines catch both and exit with that line.
 """
 import contextlib
 import csv
@@ -145,11 +128,18 @@ def read_torch(path: str, what: str = "checkpoint"):
                          f"containers?): {reason(e)}") from None
 
 
-def save_torch(path: str, obj) -> None:
-    """Atomic: write path.tmp, then rename over path. A crash mid-write leaves the old file intact."""
+@contextlib.contextmanager
+def atomic(path: str, mode: str = "wb"):
+    """Write through path.tmp, renamed over path at the end: a crash mid-write leaves the old file intact."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path + ".tmp")
+    with open(path + ".tmp", mode) as f:
+        yield f
     os.replace(path + ".tmp", path)
+
+
+def save_torch(path: str, obj) -> None:
+    with atomic(path) as f:
+        torch.save(obj, f)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -259,17 +249,13 @@ def json_ready(x):
 
 
 def write_json(path: str, obj, indent: int = 2) -> None:
-    """Atomically: path.tmp, then renamed over path."""
-    with open(path + ".tmp", "w") as f:
+    with atomic(path, "w") as f:
         json.dump(json_ready(obj), f, indent=indent)
-    os.replace(path + ".tmp", path)
 
 
 def write_jsonl(path: str, records: list) -> None:
-    """One JSON line per record, atomically."""
-    with open(path + ".tmp", "w") as f:
+    with atomic(path, "w") as f:
         f.writelines(json.dumps(json_ready(r)) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,23 +1,32 @@
 """The shape trace: every stage of one training forward of the full-size Uni-Med, read from the code.
 
-    python shapes.py                               # the prompt's words counted as tokens: no files
-    python shapes.py --tokenizer tokenizer.model   # LLaMA-2's tokenizer counts them
+    python -m workshop.shapes                               # words counted as tokens: no files
+    python -m workshop.shapes --tokenizer tokenizer.model   # LLaMA-2's tokenizer counts them
+    python -m workshop.shapes --summary                     # parameter counts, by part
 
 The full-size model (EVA ViT-G/14, Connector-MoE, LLaMA-2-7B with LoRA) is built on the `meta` device,
 which gives tensors shapes and dtypes but no memory and no values, and runs one training forward of a
 batch of two vqa samples. Forward hooks record what each stage's module takes in or gives out; the
 table lists them in the order the data flows, with the paper's equation where one applies. The loss
 has a shape (a scalar) but no value. README.md's diagram is tested against this trace, so the two
-cannot drift apart. Its own file (not model.py's CLI) because it is its own chapter, and model.py
-stays near 900 lines.
+cannot drift apart.
 """
 import argparse
 from typing import Optional
 
 import torch
 
-from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig, WordTokenizer
+from model import Llama, LlamaConfig, Tokenizer, UniMed, UniMedConfig
 from vision import EVAConfig, EVAViT
+
+class WordTokenizer:
+    """Stands in for tokenizer.model where only lengths matter (the shape trace, the memory plan):
+    one token per word, so every length is a stated count."""
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + [3] * len(text.split()) + [self.eos_id] * eos
+
 
 # One vqa batch with the official VQA training template; answers short as Slake's are.
 TRACE_BATCH = [("[vqa] Based on the image, respond to this question with a short answer: "
@@ -112,11 +121,40 @@ def print_trace(tokenizer_path: Optional[str] = None) -> None:
         print(f"{r['stage']:<38}{r['shape']:<19}{r['dtype']:<9}{r['module']:<46}{r['eq']}".rstrip())
 
 
+def parameter_summary(model: UniMed) -> dict[str, tuple[int, int]]:
+    """Parameters by part of the model: {part: (trainable, frozen)}."""
+    def part(name: str) -> str:
+        if name.startswith("connector."):
+            return {"experts": "connector experts", "proj": "connector experts", "router": "router",
+                    "task_tokens": "task tokens"}[name.split(".")[1]]
+        if name.startswith("llama."):
+            return "LoRA" if ".lora_" in name or ".router." in name else "LLaMA base"
+        return {"vit": "EVA ViT", "ln_vision": "ln_vision"}[name.split(".")[0]]
+    counts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        counts.setdefault(part(name), [0, 0])[0 if p.requires_grad else 1] += p.numel()
+    return {k: tuple(v) for k, v in counts.items()}
+
+
+def print_summary(config: UniMedConfig) -> None:
+    """Build the full-size Uni-Med (ViT-G + LLaMA-2-7B) on `meta` and print its parameter counts."""
+    with torch.device("meta"):
+        model = UniMed(config, Llama(LlamaConfig()), EVAViT(EVAConfig()), tokenizer=None)
+    rows = parameter_summary(model)
+    print(f"{'part':<20}{'trainable':>16}{'frozen':>16}")
+    for name, (trainable, frozen) in rows.items():
+        print(f"{name:<20}{trainable:>16,}{frozen:>16,}")
+    print(f"{'total':<20}{sum(t for t, _ in rows.values()):>16,}{sum(f for _, f in rows.values()):>16,}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", help="LLaMA-2's tokenizer.model, to count the prompt's tokens "
                         "(default: one token per word, a stated count)")
-    print_trace(parser.parse_args(argv).tokenizer)
+    parser.add_argument("--summary", action="store_true",
+                        help="print the parameter counts of the full-size model by part instead")
+    args = parser.parse_args(argv)
+    print_summary(UniMedConfig()) if args.summary else print_trace(args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -11,43 +11,23 @@ METEOR: tests/test_meteor.py, to the jar's statistics):
   token_f1, accuracies    the official scripts' own code              VQA, REG, CLS
   corpus_bleu             pycocoevalcap Bleu(4) on PTBTokenizer       RG (report generation)
   rouge                   `rouge` 1.0.1 (pltrdy) get_scores, F         RG
-  rouge_google            rouge-score (Google) definition, F          (comparison only)
   meteor                  pycocoevalcap Meteor (Java METEOR 1.5)      RG (lib/meteor.py)
   iou, rec_iou            eval_utils.computeIoU (+1 pixel)            REC
 
-Quirks reproduced on purpose (they define the published numbers):
-  * normalize_word removes at most 32 periods: the official `period_strip.sub("", text, re.UNICODE)`
-    passes re.UNICODE (= 32) as the *count*.
-  * token F1 counts a shared word's *prediction* count as true positives (not the min of the two
-    counts), so "left left" vs "left" scores 1.0.
-  * VQA closed accuracy is 1 when the normalised reference is a *substring* of the normalised
-    prediction ("no" is in "normal"); REG/CLS accuracy is exact equality.
-  * rouge 1.0.1 splits texts into sentences on ".", counts *distinct* n-grams (sets, not
-    multisets), and its ROUGE-L is the summary-level union-LCS over distinct words, with
-    F = 2PR / (P + R + 1e-8). It raises on an empty hypothesis, so the official script skips
-    samples whose normalised prediction or reference is empty; `rouge` does the same.
-  * pycocoevalcap BLEU is corpus-level: clipped n-gram counts and the closest reference length
-    are summed over the corpus, with its tiny=1e-15 / small=1e-9 constants.
-  * nltk sentence_bleu without smoothing returns 0 when no unigram matches, and a precision with
-    zero matches (or a hypothesis shorter than n) becomes sys.float_info.min, so BLEU-n is ~1e-154.
-  * report generation: ROUGE and F1 score text normalised twice, since eval_caption.py's METEOR
-    step overwrites the shared records with normalised text first (score_dataset says how).
-  * IoU has no check for a reversed box, so one reversed by less than a pixel overlaps a little.
+Quirks reproduced on purpose, since they define the published numbers (docs/notes.md has each):
+at most 32 periods stripped; token F1's true positives count the prediction's repeats; VQA closed
+accuracy tests a substring; rouge 1.0.1 counts distinct n-grams; BLEU for reports is corpus-level;
+nltk's unsmoothed zero precision; report ROUGE and F1 on text normalised twice; no reversed-box check.
 
 Report generation runs the official route: normalize_word, then PTB tokenisation as pycocoevalcap's
 PTBTokenizer (Stanford CoreNLP) does it, then BLEU and METEOR 1.5 (lib/meteor.py, read from the jar's
 own data files; without them, METEOR's exact and stem modules only, marked METEOR*).
-
-Usage: python metrics.py predictions.jsonl  (fields: task, prediction, reference, answer_type for
-VQA, box [x, y, w, h] and image_size [W, H] for REC); evaluate.py scores with the same score_dataset.
 """
 import math
 import re
 import sys
 from collections import Counter
 
-from data import parse_box
-from lib.files import read_jsonl
 from lib.meteor import corpus_score, meteor_data, segment_stats
 
 # -----------------------------------------------------------------------------------------------
@@ -407,34 +387,6 @@ def rouge(references, predictions):
     return _best_rouge(_rouge_pltrdy, references, predictions)
 
 
-_RS_NON_ALNUM = re.compile(r"[^a-z0-9]+")
-
-
-def _rouge_google_pair(reference, prediction):
-    """rouge-score RougeScorer(["rouge1", "rouge2", "rougeL"]).score(ref, pred) F-measures."""
-    ref = _RS_NON_ALNUM.sub(" ", reference.lower()).split()
-    hyp = _RS_NON_ALNUM.sub(" ", prediction.lower()).split()
-    out = {}
-    for n in (1, 2):  # multiset n-gram overlap (Counter), unlike rouge 1.0.1's sets
-        h, r = _ngrams(hyp, n), _ngrams(ref, n)
-        overlap = sum((h & r).values())
-        p, rc = overlap / max(sum(h.values()), 1), overlap / max(sum(r.values()), 1)
-        out[f"rouge{n}"] = 2 * p * rc / (p + rc) if p + rc > 0 else 0.0
-    lcs = len(_lcs_words(ref, hyp)) if ref and hyp else 0
-    p, rc = (lcs / len(hyp), lcs / len(ref)) if lcs else (0.0, 0.0)
-    out["rougeL"] = 2 * p * rc / (p + rc) if p + rc > 0 else 0.0
-    return out
-
-
-def rouge_google(references, predictions):
-    """Mean rouge-score (Google) F-scores: multiset n-grams, plain LCS, no stemming.
-
-    Same inputs, normalisation and skipped samples as `rouge`, so the two are comparable.
-    """
-    _check(references, predictions, "rouge_google")
-    return _best_rouge(_rouge_google_pair, references, predictions)
-
-
 # -----------------------------------------------------------------------------------------------
 # 6. METEOR: pycocoevalcap's Meteor, i.e. Java METEOR 1.5, re-implemented in meteor.py
 
@@ -579,38 +531,3 @@ def score_dataset(task, records):
                 **_percent(rouge(once_refs, once_preds)), "f1": 100.0 * token_f1(once_refs, once_preds)["f1"],
                 "scored": len(kept)}
     raise ValueError(f"no metrics for task {task!r} (vqa, refer, identify, caption, cls, qa)")
-
-
-# -----------------------------------------------------------------------------------------------
-# 9. Command line: score a predictions file (evaluate.py writes them; so can any other model)
-
-def read_records(path):
-    """The rows of a predictions .jsonl, grouped by task and cleaned as evaluate.py cleans them."""
-    by_task = {}
-    for n, row in read_jsonl(path, "predictions"):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}, row {n}: not a JSON object")
-        for key in ("task", "prediction") + (("box", "image_size") if row.get("task") == "refer" else ("reference",)):
-            if key not in row:
-                raise ValueError(f"{path}, row {n}: no '{key}' field")
-        r = {**row, "prediction": clean_prediction(str(row["prediction"]), row["task"])}
-        if row["task"] == "refer":
-            r["pred_box"] = parse_box(r["prediction"])
-        by_task.setdefault(row["task"], []).append(r)
-    return by_task
-
-
-def main(argv):
-    if len(argv) != 1:
-        sys.exit("usage: python metrics.py predictions.jsonl")
-    try:
-        for task, records in read_records(argv[0]).items():
-            scores = score_dataset(task, records)
-            print(f"{task} ({len(records)} samples): " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
-    except (ValueError, OSError) as e:  # a file that cannot be read, or a bad row: named in e
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cmoe import Connector, ConnectorConfig
 from lib.checkpoint import is_ours, locate, official_config, official_to_ours, read_checkpoint
-from lib.files import load_safetensors, read_json, read_sentencepiece
+from lib.files import load_safetensors, read_json, read_sentencepiece, safetensors_files
 from lora import TARGETS as LORA_TARGETS, apply_lora
 from vision import EVAConfig, EVAViT
 
@@ -84,12 +84,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [B, 1, T, head_dim] for integer positions [B, T], computed on the fly.
-
-    No buffer is stored, so a model built on `meta` needs nothing beyond its weights. The HF layout
-    repeats the frequencies over the two halves of the head ("rotate half"), matching how the HF
-    q/k weights are ordered, so no weight permutation is needed.
-    """
+    """cos, sin [B, 1, T, head_dim] for integer positions [B, T], computed on the fly (no buffer, so a
+    model built on `meta` needs only its weights). The frequencies repeat over the two halves of the
+    head ("rotate half"), the layout of the HF q/k weights, so no weight permutation is needed."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     freqs = positions[..., None].float() * inv_freq     # [B, T, head_dim/2]
     angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, head_dim]
@@ -105,9 +102,8 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of every layer, preallocated: k[layer], v[layer] are [B, n_kv_heads, max_len, head_dim].
 
-    The prefill fills slots [0, T); a decoded token goes to the slot it is given as a device tensor,
-    so a decode step has fixed shapes and reads nothing back from the device (what torch.compile
-    needs to capture it whole). Zeros, not empty: unwritten slots are masked, but 0 x NaN is NaN.
+    The prefill fills slots [0, T); a decoded token goes to a slot given as a device tensor, so a step
+    has fixed shapes and no host sync (what torch.compile captures whole). Zeros: masked, but 0 x NaN is NaN.
     """
 
     def __init__(self, config: LlamaConfig, batch: int, max_len: int, device, dtype):
@@ -184,11 +180,8 @@ class Block(nn.Module):
 # Llama
 
 def causal_mask(key_mask: torch.Tensor) -> torch.Tensor:
-    """Boolean attention mask [B, 1, T, T] from key_mask [B, T] (True = real token).
-
-    A query sees earlier real keys. It also always sees itself: a padding query would otherwise see
-    nothing and SDPA would return NaN for it (its output is never used).
-    """
+    """Boolean attention mask [B, 1, T, T] from key_mask [B, T] (True = real token): a query sees earlier
+    real keys, and itself (a padding query would see nothing, and SDPA would give NaN)."""
     pos = torch.arange(key_mask.shape[1], device=key_mask.device)
     allowed = (pos[None, :] <= pos[:, None]) & key_mask[:, None, :]  # [B, T, T]
     return (allowed | torch.eye(len(pos), dtype=torch.bool, device=key_mask.device))[:, None]
@@ -210,10 +203,8 @@ class Llama(nn.Module):
                 last_only: bool = False):
         """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) of tokens [B, T] or inputs_embeds [B, T, dim].
 
-        attention_mask [B, T] (1 = real token) is for padded batches only: the caller knows from its row
-        lengths whether any row is padded (asking the mask would be a device-to-host sync, which fake
-        tensors cannot answer). Positions count real tokens only, so a left-padded row is positioned
-        like the same row unpadded. With `cache`, the keys and values also go to its first T slots.
+        attention_mask [B, T] (1 = real token) only for padded batches; positions count real tokens,
+        so a left-padded row is positioned as unpadded. With `cache`, k and v also go to its first T slots.
         """
         if (tokens is None) == (inputs_embeds is None):
             raise ValueError("Llama.forward: pass exactly one of tokens and inputs_embeds")
@@ -264,7 +255,7 @@ class Llama(nn.Module):
             raise ValueError(f"{file}: not a LLaMA config.json, it has no field {e}") from None
         with torch.device("meta"):
             model = cls(config)
-        load_safetensors(model, checkpoint_files(path), hf_to_ours, dtype, device)
+        load_safetensors(model, safetensors_files(path), hf_to_ours, dtype, device)
         return model.eval()
 
     # ---------------------------------------------------------------------------------------------
@@ -329,11 +320,8 @@ class Llama(nn.Module):
         return self.cache
 
     def decode_function(self, compile: bool):
-        """decode_step, or its compiled form (made once: compiling a 7B step takes a minute).
-
-        Inductor fuses a chain of bf16 ops into one kernel that computes in fp32 throughout; eager
-        rounds to bf16 after each op. emulate_precision_casts rounds where eager does, so that the
-        compiled step gives eager's tokens rather than drifting at the first near-tie."""
+        """decode_step, or its compiled form (made once). emulate_precision_casts rounds to bf16 where
+        eager does, so the compiled step gives eager's tokens (docs/notes.md)."""
         if not compile:
             return self.decode_step
         if self.compiled_decode_step is None:
@@ -389,34 +377,13 @@ def hf_to_ours(key: str) -> Optional[str]:
     return key
 
 
-def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of an HF model directory: the shards named by the index, or the single file."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        table = read_json(index, "safetensors index")
-        if not isinstance(table, dict) or not isinstance(table.get("weight_map"), dict):
-            raise ValueError(f"{index}: no 'weight_map' (tensor name -> shard file)")
-        return [os.path.join(path, shard) for shard in sorted(set(table["weight_map"].values()))]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors found")
-
-
 # -------------------------------------------------------------------------------------------------
 # Tokenizer
 
 class Tokenizer:
-    """SentencePiece `tokenizer.model` of LLaMA-2, with the ids of HF's slow (legacy) LlamaTokenizer.
-
-    The whole text goes to SentencePiece in one call, which adds the dummy-prefix space as the legacy
-    HF tokenizer does; bos/eos are added as ids and never parsed from the text ("</s>" in a string is
-    just text here). transformers 5's LlamaTokenizer agrees except on text that starts with a space,
-    where its Metaspace pre-tokenizer drops the dummy prefix; our prompts never start with one.
-    Padding: the official code sets the pad token to the string "$$" (not a special token), so
-    `pad_id` is HF's lookup of it, `piece_to_id("$$")`, which is the unk id 0 unless "$$" is a piece.
-    Pads are masked out everywhere, so this id never changes a result.
-    """
+    """SentencePiece `tokenizer.model` of LLaMA-2, with the ids of HF's slow (legacy) LlamaTokenizer:
+    the whole text in one call (so it gets the dummy-prefix space); bos/eos added as ids, never parsed
+    from the text. The official pad token is the plain string "$$"; pads are masked everywhere."""
 
     def __init__(self, path: str):
         if os.path.isdir(path):
@@ -471,12 +438,9 @@ LORA_MOE = dict(lora_experts=5, lora_r=4, lora_alpha=8.0)  # Table 2(e)'s LoRA-M
 
 
 def build_prompt(instruction: str, has_image: bool, train: bool) -> str:
-    """The Llama-2 chat prompt around one instruction (spec section 4).
-
-    In training the official datasets write `<Img><ImageHere></Img> {instruction} ` and the model
-    wraps it in `[INST] {} [/INST]`, so two spaces precede [/INST]; the official evaluation scripts
-    write the prompt in one piece with one space. Each is what the official model saw, so we keep both.
-    """
+    """The Llama-2 chat prompt around one instruction (spec section 4). Training has two spaces before
+    [/INST] (the official datasets end the instruction with one, the chat template adds one),
+    evaluation one (the official scripts): each is what the official model saw, so we keep both."""
     if not has_image:
         return chat_prompt(instruction)
     return chat_prompt(f"<Img><ImageHere></Img> {instruction}" + (" " if train else ""))
@@ -514,22 +478,15 @@ class UniMed(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, llama_dir: Optional[str] = None, vit_path: Optional[str] = None,
-                        device: str = "cpu", ckpt: Optional[dict] = None,
-                        official_vit: Optional[EVAConfig] = None) -> "UniMed":
-        """A trained Uni-Med, in eval mode, from any checkpoint: ours (train.py) or the official
-        runner's checkpoint_N.pth. Every caller (evaluate.py, analysis.py, ...) loads through here.
-
-        The base weights are the ones the checkpoint records (ours), unless `llama_dir` / `vit_path`
-        name others; an official checkpoint records no ViT, so it needs `vit_path`. `ckpt` is the
-        already-read file, for callers that looked into it first (read_checkpoint). An official
-        checkpoint always used EVA ViT-G at its run config's image size; `official_vit` replaces it
-        (tests use a tiny one). bf16 base weights on a GPU, fp32 on the CPU.
-        """
+                        device: str = "cpu", ckpt: Optional[dict] = None) -> "UniMed":
+        """A trained Uni-Med, in eval mode, from ours (train.py) or the official runner's checkpoint_N.pth,
+        on the base weights it records unless `llama_dir` / `vit_path` name others (an official one
+        records no ViT). `ckpt`: the file already read. bf16 base weights on a GPU, fp32 on the CPU."""
         ckpt = ckpt if ckpt is not None else read_checkpoint(path)
         official = not is_ours(ckpt)
         if official:
             config = UniMedConfig.from_dict(official_config(ckpt, path, LORA_TARGETS))
-            vit_config = official_vit or EVAConfig(img_size=ckpt["config"]["model"].get("image_size", 224))
+            vit_config = EVAConfig(img_size=ckpt["config"]["model"].get("image_size", 224))
             llama_dir = llama_dir or ckpt["config"]["model"].get("llm_model_path") or None
             if not llama_dir or not vit_path:
                 raise ValueError(f"{path} is an official checkpoint: name its base weights with --llama "

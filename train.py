@@ -20,9 +20,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -33,7 +31,8 @@ from tqdm import tqdm
 import data
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
 from lib.checkpoint import FORMAT, is_ours, read_checkpoint
-from lib.files import read_log, save_torch, write_jsonl
+from lib.files import save_torch
+from lib.run import any_rank, log_record, open_log, stop_signals
 from model import LORA_MOE, UniMed, UniMedConfig
 from vision import EVAConfig
 
@@ -79,7 +78,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("weights and data (none given: the built-in demo)")
     g.add_argument("--llama", help="LLaMA-2-7b-chat-hf directory (config.json, safetensors, tokenizer.model)")
-    g.add_argument("--vit", help="EVA ViT-G .safetensors (python vision.py convert eva_vit_g.pth ...)")
+    g.add_argument("--vit", help="EVA ViT-G .safetensors (python -m workshop.convert eva_vit_g.pth ...)")
     g.add_argument("--data-root", help="dataset root in the official layout (spec section 7)")
     g = p.add_argument_group("model: every Table 2 ablation is a flag")
     g.add_argument("--resampler", choices=RESAMPLERS, help=f"Table 2(b): visual token resampler (default {C.resampler})")
@@ -407,20 +406,22 @@ def loop(run: Run, stop_at=None) -> dict:
     the end. Ctrl-C / SIGTERM: finish the current step, save, return; a second Ctrl-C aborts."""
     args, last, window = run.args, None, []
     bar = tqdm(total=args.iters, initial=run.step, desc="train", disable=not run.main_rank, dynamic_ncols=True)
-    with stop_signals(run.main_rank) as stop, open_log(run) as log, bar:
+    resume_step = run.step if args.resume else None
+    with stop_signals(run.main_rank) as stop, open_log(log_path(args), resume_step, run.main_rank) as log, bar:
         while run.step < args.iters:
             t0 = time.perf_counter()
             samples = run.mixture.next_batch()  # one dataset, batch_size x grad_accum x world samples
             loss, grad_norm, tokens, routing = train_step(run, samples)
             lr = run.scheduler.get_last_lr()[0]
-            window.append((samples[0].task, loss, tokens, time.perf_counter() - t0, routing))
+            window.append(dict(task=samples[0].task, loss=loss, tokens=tokens, seconds=time.perf_counter() - t0,
+                               routing=routing))
             bar.update(1)
             bar.set_postfix_str(f"{samples[0].task} loss {loss:.3f} lr {lr:.1e} gn {grad_norm:.2f}")
             if log and (run.step % args.log_every == 0 or run.step == args.iters):
-                log.write(json.dumps(window_record(window, run.step, lr, grad_norm, run.device)) + "\n")
+                log.write(json.dumps(log_record(window, run.step, lr, grad_norm, run.device)) + "\n")
                 log.flush()
                 window = []
-            stopping = stop_requested(run, stop) or run.step == stop_at
+            stopping = any_rank(stop["requested"], run.world, run.device) or run.step == stop_at
             if run.step == args.iters or stopping or (args.save_every and run.step % args.save_every == 0):
                 last = save(run)
             if stopping:
@@ -440,81 +441,8 @@ def save(run: Run) -> dict:
     return ckpt
 
 
-@contextlib.contextmanager
-def stop_signals(announce: bool):
-    """Ctrl-C / SIGTERM set a flag that the loop reads after each step; a second Ctrl-C aborts."""
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        if announce:
-            tqdm.write("stopping after this step (Ctrl-C again to abort without saving)")
-    in_main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def stop_requested(run: Run, stop: dict) -> bool:
-    """The stop flag, agreed over ranks: if one process was signalled, all stop at this step."""
-    if run.world == 1:
-        return stop["requested"]
-    flag = torch.tensor(float(stop["requested"]), device=run.device)
-    dist.all_reduce(flag)
-    return bool(flag > 0)
-
-
 def log_path(args) -> str:
     return os.path.splitext(args.out)[0] + ".jsonl"
-
-
-@contextlib.contextmanager
-def open_log(run: Run):
-    """The JSONL log beside the checkpoint (rank 0 only): a new run starts a new log, a resumed one
-    appends, after the steps past its checkpoint are cut."""
-    if not run.main_rank:
-        yield None
-        return
-    path = log_path(run.args)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if run.args.resume:
-        cut_log(path, run.step)
-    with open(path, "a" if run.args.resume else "w") as log:
-        yield log
-
-
-def cut_log(path: str, step: int) -> None:
-    """Keep the log records up to the checkpoint's `step`: a run killed after its last checkpoint
-    logged steps that the resumed run logs again (a line torn by the kill goes too: read_log)."""
-    records = read_log(path)
-    kept = [r for r in records if r["step"] <= step]
-    if len(kept) < len(records):
-        write_jsonl(path, kept)
-
-
-def window_record(window: list, step: int, lr: float, grad_norm: float, device) -> dict:
-    """One log line from the steps since the last, each (task, loss, tokens, seconds, routing): the
-    mean loss, also per task, tokens/s, peak memory, and each task's mean routing weights."""
-    tasks, losses, tokens, seconds, routing = zip(*window)
-
-    def per_task(values) -> dict:
-        return {t: [v for u, v in zip(tasks, values) if u == t and v is not None] for t in sorted(set(tasks))}
-    if device.type == "cuda":
-        peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        import resource  # peak resident memory of the process (kilobytes on Linux)
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"step": step, "loss": round(sum(losses) / len(window), 5),
-            "task_loss": {t: round(sum(v) / len(v), 5) for t, v in per_task(losses).items()},
-            "lr": lr, "grad_norm": round(grad_norm, 5), "tokens_per_s": round(sum(tokens) / sum(seconds), 1),
-            "peak_mem_gb": round(peak_gb, 3),
-            "routing": {t: [round(x, 4) for x in torch.stack(v).mean(0).tolist()]
-                        for t, v in per_task(routing).items() if v}}
 
 
 if __name__ == "__main__":

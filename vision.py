@@ -14,11 +14,9 @@ Position embeddings are tied to the image size. When the configured size differs
 checkpoint's (e.g. 448 instead of 224), `from_checkpoint` resizes them at load time, as the official
 `interpolate_pos_embed` does: the CLS position is kept, the patch grid is resized bicubically
 (align_corners=False) in fp32. The model itself then only accepts images of its configured size.
-
-    python vision.py convert eva_vit_g.pth eva_vit_g.safetensors   # once, drops the unused block
+The official `eva_vit_g.pth` is converted once to safetensors: python -m workshop.convert.
 """
 import math
-import sys
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -26,10 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save
 from torch import nn
 
-from lib.files import atomic, load_safetensors, open_safetensors, read_torch
+from lib.files import load_safetensors, open_safetensors
 
 
 @dataclass
@@ -175,33 +172,6 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------------
-# Converting the official eva_vit_g.pth once
-
-def convert(src: str, dst: str, config: Optional[EVAConfig] = None) -> list[str]:
-    """Write the tensors of `src` (official .pth) that EVAViT(config) uses to `dst` (.safetensors).
-
-    Returns (and prints) the keys it dropped: block 39, and anything else the model has no slot for.
-    Shapes are checked when the file is loaded, so a checkpoint with another position grid converts.
-    """
-    state = read_torch(src, "checkpoint (EVA ViT-G .pth)")  # a .pth is a pickle: never unpickle code
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # training checkpoints wrap the weights
-    if not isinstance(state, dict):
-        raise ValueError(f"{src}: expected a state dict, found {type(state).__name__}")
-    with torch.device("meta"):
-        wanted = set(EVAViT(config or EVAConfig()).state_dict())
-    kept = {k: v.contiguous() for k, v in state.items() if k in wanted and torch.is_tensor(v)}
-    dropped = [k for k in state if k not in kept]
-    missing = sorted(wanted - set(kept))
-    if missing:
-        raise ValueError(f"{src}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    with atomic(dst) as f:
-        f.write(save(kept, metadata={"format": "pt"}))
-    print(f"wrote {len(kept)} tensors to {dst}; dropped {len(dropped)}: {', '.join(dropped) or '-'}")
-    return dropped
-
-
-# -------------------------------------------------------------------------------------------------
 # Preprocessing (section 6 of the spec): the same for training and evaluation, no augmentation
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -218,12 +188,3 @@ def preprocess(image: Image.Image, size: int = 224) -> torch.Tensor:
     pixels = np.asarray(image, dtype=np.float32) / 255.0  # [size, size, 3] in [0, 1]
     pixels = (pixels - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy())  # [3, size, size]
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "convert":
-        sys.exit("usage: python vision.py convert eva_vit_g.pth eva_vit_g.safetensors")
-    try:
-        convert(sys.argv[2], sys.argv[3])
-    except (ValueError, OSError) as e:  # the file at fault is named in e
-        sys.exit(f"vision.py convert: {e}")

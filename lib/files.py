@@ -128,6 +128,21 @@ def read_torch(path: str, what: str = "checkpoint"):
                          f"containers?): {reason(e)}") from None
 
 
+def safetensors_files(path: str) -> list[str]:
+    """The safetensors files of an HF model directory: the shards named by the index, or the single file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        table = read_json(index, "safetensors index")
+        if not isinstance(table, dict) or not isinstance(table.get("weight_map"), dict):
+            raise ValueError(f"{index}: no 'weight_map' (tensor name -> shard file)")
+        return [os.path.join(path, shard) for shard in sorted(set(table["weight_map"].values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors found")
+
+
+
 @contextlib.contextmanager
 def atomic(path: str, mode: str = "wb"):
     """Write through path.tmp, renamed over path at the end: a crash mid-write leaves the old file intact."""

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import data
+from lib.checkpoint import FORMAT
 import evaluate
 from workshop import ask as ask_cli
 import metrics
@@ -47,7 +48,7 @@ def checkpoint(demo, tmp_path_factory):
     config = {"unimed": model.config.to_dict(), "vit": asdict(DEMO_EVA), "llama_dir": llama_dir,
               "vit_path": vit_path, "data_root": data_root, "demo": True, "args": {}}
     path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
-    torch.save({"format": "unimed-ckpt", "step": 0, "config": config, "model": model.trainable_state_dict()}, path)
+    torch.save({"format": FORMAT, "step": 0, "config": config, "model": model.trainable_state_dict()}, path)
     return path, model.eval()
 
 

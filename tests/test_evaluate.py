@@ -17,9 +17,11 @@ from PIL import Image
 import data
 import evaluate
 import metrics
+from workshop import score
 import train
 from cmoe import ConnectorConfig
-from lib.checkpoint import read_checkpoint
+from lib.checkpoint import FORMAT, read_checkpoint
+import model as model_module
 from model import UniMed, UniMedConfig
 from workshop.demo import DEMO_EVA, DEMO_PRETRAIN, build_demo, demo_paths
 
@@ -60,7 +62,7 @@ def write_ours(path, model: UniMed, demo) -> str:
     llama_dir, vit_path, data_root = demo
     config = {"unimed": model.config.to_dict(), "vit": asdict(DEMO_EVA), "llama_dir": llama_dir,
               "vit_path": vit_path, "data_root": data_root, "demo": True, "args": {}}
-    torch.save({"format": "unimed-ckpt", "step": 0, "config": config, "model": model.trainable_state_dict()}, path)
+    torch.save({"format": FORMAT, "step": 0, "config": config, "model": model.trainable_state_dict()}, path)
     return str(path)
 
 
@@ -99,7 +101,7 @@ def test_results_have_every_dataset_and_metric(checkpoint, tmp_path):
         rows = read_jsonl(tmp_path / f"predictions_{name}.jsonl")
         assert len(rows) == 3 and all({"id", "prompt", "prediction", "reference", "scores"} <= set(r) for r in rows)
         # metrics.py's command line, reading the predictions file back, gives the table's figures
-        theirs = metrics.score_dataset(task, metrics.read_records(str(tmp_path / f"predictions_{name}.jsonl"))[task])
+        theirs = metrics.score_dataset(task, score.read_records(str(tmp_path / f"predictions_{name}.jsonl"))[task])
         assert theirs == pytest.approx(entry["metrics"], abs=1e-9), name
     table = evaluate.format_tables(on_disk["datasets"], paper=False)
     assert "Slake-VQA" in table and "SA-Med2D-REC" in table and "Uni-Med (paper)" not in table
@@ -363,7 +365,14 @@ def assert_same_model(source: UniMed, loaded: UniMed, data_root: str, name: str)
         assert torch.equal(a, b)
 
 
-def test_official_checkpoint_as_the_runner_writes_it(demo, tmp_path, capsys):
+@pytest.fixture
+def official_vit_is_the_demos(monkeypatch):
+    """An official checkpoint was trained on EVA ViT-G (model.EVAConfig at its image size); the demo's
+    tiny EVA stands in for it here."""
+    monkeypatch.setattr(model_module, "EVAConfig", lambda img_size=224: DEMO_EVA)
+
+
+def test_official_checkpoint_as_the_runner_writes_it(demo, official_vit_is_the_demos, tmp_path, capsys):
     llama_dir, vit_path, data_root = demo
     source = tiny_model(demo, ConnectorConfig(experts=5, router="soft"), seed=1)
     n_layers = len(source.llama.layers)
@@ -379,7 +388,7 @@ def test_official_checkpoint_as_the_runner_writes_it(demo, tmp_path, capsys):
     assert len(buffers) == n_layers
     assert len(saved) == len(ours) + len(aliases) + len(buffers)
 
-    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu", official_vit=DEMO_EVA)
+    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu")
     out = capsys.readouterr().out
     assert (f"kept {len(ours)} tensors; dropped {len(aliases)} aliases (moe_layers.* = llm_proj.*), "
             f"{n_layers} frozen buffers (rotary_emb.inv_freq), 0 tensors the official model never uses") in out
@@ -389,11 +398,10 @@ def test_official_checkpoint_as_the_runner_writes_it(demo, tmp_path, capsys):
     ckpt = torch.load(ckpt_path, weights_only=True)
     ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("llm_proj.")}
     torch.save(ckpt, tmp_path / "checkpoint_4.pth")
-    assert_same_model(source, UniMed.from_checkpoint(str(tmp_path / "checkpoint_4.pth"), llama_dir, vit_path, "cpu",
-                                                     official_vit=DEMO_EVA), data_root, "slake_vqa")
+    assert_same_model(source, UniMed.from_checkpoint(str(tmp_path / "checkpoint_4.pth"), llama_dir, vit_path, "cpu"), data_root, "slake_vqa")
 
 
-def test_official_checkpoint_whose_aliases_differ_names_both(demo, tmp_path):
+def test_official_checkpoint_whose_aliases_differ_names_both(demo, official_vit_is_the_demos, tmp_path):
     llama_dir, vit_path, _ = demo
     source = tiny_model(demo, ConnectorConfig(experts=5, router="soft"), seed=1)
     runner_save(official_model_from(source, llama_dir, experts=5), tmp_path / "checkpoint_3.pth",
@@ -402,18 +410,17 @@ def test_official_checkpoint_whose_aliases_differ_names_both(demo, tmp_path):
     ckpt["model"]["moe_layers.2.0.bias"] = ckpt["model"]["moe_layers.2.0.bias"] + 1  # no longer one tensor
     torch.save(ckpt, tmp_path / "checkpoint_bad.pth")
     with pytest.raises(ValueError, match=r"checkpoint_bad\.pth: 'moe_layers\.2\.0\.bias' and 'llm_proj\.2\.0\.bias' differ"):
-        UniMed.from_checkpoint(str(tmp_path / "checkpoint_bad.pth"), llama_dir, vit_path, "cpu",
-                               official_vit=DEMO_EVA)
+        UniMed.from_checkpoint(str(tmp_path / "checkpoint_bad.pth"), llama_dir, vit_path, "cpu")
 
 
-def test_official_hard_router_checkpoint_drops_the_unused_router(demo, tmp_path, capsys):
+def test_official_hard_router_checkpoint_drops_the_unused_router(demo, official_vit_is_the_demos, tmp_path, capsys):
     llama_dir, vit_path, data_root = demo
     source = tiny_model(demo, ConnectorConfig(experts=5, router="hard"), seed=2)
     assert not any(k.startswith(("connector.router.", "connector.task_tokens.")) for k in source.trainable_state_dict())
     # the official model also builds (and saves) a router and task tokens it never uses
     ckpt_path = str(tmp_path / "checkpoint_0.pth")
     runner_save(official_model_from(source, llama_dir, experts=5), ckpt_path, official_config("hard", 5), epoch=0)
-    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu", official_vit=DEMO_EVA)
+    loaded = UniMed.from_checkpoint(ckpt_path, llama_dir, vit_path, "cpu")
     assert "9 tensors the official model never uses (router, task_tokens)" in capsys.readouterr().out
     assert_same_model(source, loaded, data_root, "slake_rec")
 

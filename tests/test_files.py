@@ -186,15 +186,15 @@ def test_read_log_cuts_a_torn_last_line_and_rejects_a_broken_middle_line(tmp_pat
 # -------------------------------------------------------------------------------------------------
 # The command lines: the one line, last, and a non-zero exit
 
-def test_vision_convert_exits_with_the_file_named(tmp_path):
+def test_eva_convert_exits_with_the_file_named(tmp_path):
     raw = torch_bytes(tmp_path)
     path = str(tmp_path / "eva_vit_g.pth")
     open(path, "wb").write(raw[: len(raw) // 2])
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "vision.py"), "convert", path, str(tmp_path / "o.st")],
+    result = subprocess.run([sys.executable, "-m", "workshop.convert", path, str(tmp_path / "o.st")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"vision.py convert: {path}: cannot be read as a checkpoint (EVA ViT-G .pth)"), last
+    assert last.startswith(f"workshop.convert: {path}: cannot be read as a checkpoint (EVA ViT-G .pth)"), last
     assert "Traceback" not in result.stderr
 
 

@@ -1,7 +1,7 @@
 """metrics.py against the reference libraries the official evaluation calls, to 1e-6.
 
 References (test-only imports): pycocoevalcap Bleu + PTBTokenizer (Java, called once for the whole
-corpus), nltk sentence_bleu, rouge 1.0.1, rouge-score. METEOR: tests/test_meteor.py.
+corpus), nltk sentence_bleu, rouge 1.0.1. METEOR: tests/test_meteor.py.
 """
 import json
 import random
@@ -202,16 +202,6 @@ def test_rouge_matches_rouge_1_0_1():
     assert M.rouge(REFS, PREDS) == pytest.approx({k: sum(v) / len(v) for k, v in scores.items()}, abs=TOL)
     with pytest.raises(ValueError):  # like the library, an empty hypothesis is an error at pair level
         M._rouge_pltrdy("heart", "")
-
-
-def test_rouge_google_matches_rouge_score():
-    from rouge_score.rouge_scorer import RougeScorer
-    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"])
-    for ref, pred in PAIRS:
-        r, p = M.normalize_word(ref), M.normalize_word(pred)
-        if r and p:
-            want = scorer.score(r, p)
-            assert M.rouge_google([[ref]], [pred]) == pytest.approx({k: v.fmeasure for k, v in want.items()}, abs=TOL)
 
 
 # --- report generation: ROUGE and F1 on text normalised twice (eval_caption.py's call order) -------

@@ -16,6 +16,7 @@ from PIL import Image
 
 from workshop import curves as curves_cli
 import data
+from lib.checkpoint import FORMAT
 from workshop import demo as workshop_demo
 from lib import files
 import train
@@ -71,7 +72,7 @@ def assert_same_weights(a: dict, b: dict, atol=0.0):
 
 def test_demo_run_learns_and_writes_a_checkpoint(run, tmp_path):
     ckpt, log, path = run("--iters", "50", "--lr", "2e-2")
-    assert ckpt["format"] == "unimed-ckpt" and ckpt["step"] == 50
+    assert ckpt["format"] == FORMAT and ckpt["step"] == 50
     assert {"config", "model", "optimizer", "scheduler", "sampler", "rng"} <= set(ckpt)
     assert ckpt["config"]["demo"] is True and ckpt["config"]["args"]["iters"] == 50
     model = UniMed.from_pretrained(ckpt["config"]["llama_dir"], ckpt["config"]["vit_path"],

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from vision import CLIP_MEAN, CLIP_STD, EVAConfig, EVAViT, convert, preprocess, resize_pos_embed
+from vision import CLIP_MEAN, CLIP_STD, EVAConfig, EVAViT, preprocess, resize_pos_embed
+from workshop.convert import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS_JSON = os.path.join(ROOT, "tests", "data", "eva_vit_g_keys.json")  # copy of shared/reference

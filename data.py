@@ -10,7 +10,7 @@ wrapper is added by model.py), the answer, and for the referring tasks the box.
 Training draws one dataset per step by the paper's ratios and a batch of 4 from it (`Mixture`), with
 a training template picked at random per sample; evaluation uses the fixed evaluation instruction.
 Everything random comes from a seed, and the sampler's state goes into checkpoints.
-The built-in demo's miniature of every dataset is written by demo.py.
+The built-in demo's miniature of every dataset is written by workshop/demo.py.
 """
 import os
 import re
@@ -160,7 +160,7 @@ def parse_box(text: str) -> Optional[tuple]:
 
 
 # -------------------------------------------------------------------------------------------------
-# Reading files (files.py names the file when it cannot be read; here the dataset and row are named)
+# Reading files (lib/files.py names the file when it cannot be read; here the dataset and row are named)
 
 def _need(path, dataset, what):
     if not os.path.exists(path):

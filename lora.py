@@ -5,8 +5,7 @@ lm_head, rank 8, alpha 16, dropout 0.05, exactly as peft does it (the official c
 
     h = W0 x + (alpha / r) B A dropout(x)          W0 frozen; A [r, in] kaiming-uniform, B [out, r] zero
 
-B starts at zero, so a fresh adapter leaves the model unchanged. After training, B A can be merged
-into W0 for free inference.
+B starts at zero, so a fresh adapter leaves the model unchanged.
 
 LoRA-MoE, the baseline of Table 2(e), gives each layer N LoRA experts mixed per token by a sparse
 top-k router (N=5, r=4, alpha=8, top-2 in the paper):
@@ -18,9 +17,9 @@ lora_B = Linear(N r, out) holds [B_1 ... B_N] side by side, so that
 sum_k R_k B_k A_k x = lora_B(R-weighted lora_A(x)): two matmuls for all experts, and plain LoRA is
 simply N = 1 without a router.
 
-Dtype: LoRA weights are created with the dtype and device of the layer they wrap; merging computes
-B A in float32. (UniMed then keeps every trainable weight, LoRA included, in float32 and runs the
-maths under bf16 autocast, since a bf16 weight cannot hold updates as small as lr 1e-6.)
+Dtype: LoRA weights are created with the dtype and device of the layer they wrap. (UniMed then keeps
+every trainable weight, LoRA included, in float32 and runs the maths under bf16 autocast, since a
+bf16 weight cannot hold updates as small as lr 1e-6.)
 """
 import math
 
@@ -55,7 +54,6 @@ class LoRALinear(nn.Module):
         # LoRA-MoE router R: the paper gives no detail, so this is our choice: one bias-free Linear
         # scoring the N experts from the layer's input, top-k kept (the sparse router, Eq. 13).
         self.router = nn.Linear(base.in_features, experts, bias=False, **like) if experts > 1 else None
-        self.merged = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -68,35 +66,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged:
-            return y
         h = self.lora_A(self.dropout(x))  # [..., N r]
         if self.router is not None:  # Eq. 15: weight expert k's rank-r slice by R(x)_k
             weights = top_k_softmax(self.router(x).float(), self.top_k).to(h.dtype)  # [..., N]
             h = (h.unflatten(-1, (self.experts, self.r)) * weights[..., None]).flatten(-2)
         return y + self.lora_B(h) * self.scaling  # same order of operations as peft
 
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) B A in float32, [out, in]: what merging adds to W0 (plain LoRA only)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.router is not None:
-            raise ValueError("LoRA-MoE cannot be merged: its update depends on the input through R(x)")
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        # Exact in float32; in bf16 W0 comes back with rounding error of the order of bf16's epsilon.
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
-
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling}, experts={self.experts}, merged={self.merged}"
+        return f"r={self.r}, scaling={self.scaling}, experts={self.experts}"
 
 
 def apply_lora(model: nn.Module, targets=TARGETS, r: int = 8, alpha: float = 16, dropout: float = 0.05,
@@ -119,22 +96,3 @@ def apply_lora(model: nn.Module, targets=TARGETS, r: int = 8, alpha: float = 16,
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights alone (lora_A, lora_B and the LoRA-MoE router), keyed as in
-    model.state_dict(), so `model.load_state_dict(sd, strict=False)` puts them back."""
-    return {f"{name}.{key}": tensor for name, layer in lora_layers(model).items()
-            for key, tensor in layer.state_dict().items() if not key.startswith("base.")}
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold every plain LoRA update into its base weight (W0 += (alpha/r) B A)."""
-    for layer in lora_layers(model).values():
-        layer.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    """Undo merge_lora."""
-    for layer in lora_layers(model).values():
-        layer.unmerge()

@@ -388,13 +388,13 @@ def rouge(references, predictions):
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. METEOR: pycocoevalcap's Meteor, i.e. Java METEOR 1.5, re-implemented in meteor.py
+# 6. METEOR: pycocoevalcap's Meteor, i.e. Java METEOR 1.5, re-implemented in lib/meteor.py
 
 def meteor(references, predictions, data=None):
     """Corpus METEOR 1.5 as eval_caption.py gets it from pycocoevalcap's Meteor: the texts are
     normalize_word'ed, PTB-tokenised and scored by the jar (`-l en -norm`), whose EVAL line sums the
     samples' statistics and scores the sum once. `data`: a meteor.MeteorData, by default the one
-    meteor.meteor_data() finds (without data files: the exact+stem fallback, see meteor.py)."""
+    meteor.meteor_data() finds (without data files: the exact+stem fallback, see lib/meteor.py)."""
     _check(references, predictions, "meteor")
     data = data or meteor_data()
     return corpus_score([segment_stats([ptb_tokenize(normalize_word(r)) for r in refs],

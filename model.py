@@ -206,15 +206,10 @@ class Llama(nn.Module):
         attention_mask [B, T] (1 = real token) only for padded batches; positions count real tokens,
         so a left-padded row is positioned as unpadded. With `cache`, k and v also go to its first T slots.
         """
-        if (tokens is None) == (inputs_embeds is None):
-            raise ValueError("Llama.forward: pass exactly one of tokens and inputs_embeds")
         x = self.embed(tokens) if inputs_embeds is None else inputs_embeds  # [B, T, dim]
         B, T, _ = x.shape
         if attention_mask is None:  # plain causal attention needs no mask: SDPA's fastest kernel
             positions, mask = torch.arange(T, device=x.device).expand(B, T), None
-        elif attention_mask.shape != (B, T):
-            raise ValueError(f"Llama.forward: attention_mask has shape {list(attention_mask.shape)}, "
-                             f"needs [batch, T] = {[B, T]}")
         else:
             key_mask = attention_mask.bool()
             positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
@@ -626,7 +621,7 @@ class UniMed(nn.Module):
 
 
 def autocast_off(device: torch.device):
-    """Autocast off inside (an fp32 base; ln_vision). The meta device (shapes.py) has none to turn off."""
+    """Autocast off inside (an fp32 base; ln_vision). The meta device (workshop/shapes.py) has none to turn off."""
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 

@@ -25,6 +25,7 @@ import torch
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH))
+from lib.files import atomic  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from workshop.hf import hf_config as official_config, ours_to_hf  # noqa: E402
 from vision import EVAConfig  # noqa: E402
@@ -64,9 +65,8 @@ class Table:
         print(line)
         self.lines.append(line)
         if self.path:
-            with open(self.path + ".tmp", "w") as f:
+            with atomic(self.path, "w") as f:
                 f.write("\n".join(self.lines) + "\n")
-            os.replace(self.path + ".tmp", self.path)
 
 
 def section(table: Table, name: str, fn, *args) -> None:

@@ -35,6 +35,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from lib.files import atomic  # noqa: E402
 from model import HF_KEYS, LlamaConfig  # noqa: E402
 from workshop.hf import hf_config as official_config  # noqa: E402
 
@@ -73,13 +74,12 @@ def write_shard(path: str, shapes: dict, seed: int) -> None:
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
     generator = torch.Generator().manual_seed(seed)
-    with open(path + ".tmp", "wb") as f:
+    with atomic(path) as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for key, shape in shapes.items():
             t = torch.empty(shape, dtype=torch.bfloat16)
             t.normal_(0.0, 0.02, generator=generator) if len(shape) > 1 else t.fill_(1.0)
             f.write(t.view(torch.int16).numpy().data)
-    os.replace(path + ".tmp", path)
 
 
 def write_weights(path: str, config: LlamaConfig) -> int:

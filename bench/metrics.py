@@ -2,7 +2,7 @@
 
     python bench/metrics.py [--pairs 10000] [--no-meteor]
 
-METEOR first (so that its memory is measured on a fresh process): meteor.py against pycocoevalcap's
+METEOR first (so that its memory is measured on a fresh process): lib/meteor.py against pycocoevalcap's
 Java METEOR 1.5, each loading its data (the jar: JVM start, WordNet, paraphrase table), then scoring
 the same --pairs report pairs of tests/test_meteor.varied_pairs (PTB tokens of normalize_word text,
 as eval_caption.py). Peak memory: our process's VmHWM growth, and the java process's VmHWM.

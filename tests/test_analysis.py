@@ -1,4 +1,4 @@
-"""analysis.py: the equations on hand-made gradients with known answers, t-SNE on separated clusters,
+"""workshop/analysis.py: the equations on hand-made gradients with known answers, t-SNE on separated clusters,
 the figures, the training curves of a log, and the whole analysis on a short demo checkpoint."""
 import contextlib
 import json

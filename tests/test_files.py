@@ -1,4 +1,4 @@
-"""files.py: every reader names the file when it fails, for a truncated and for a garbage copy of
+"""lib/files.py: every reader names the file when it fails, for a truncated and for a garbage copy of
 each kind of file the project reads; the command lines then exit with that one line."""
 import csv
 import io

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora import TARGETS, LoRALinear, apply_lora, lora_state_dict, merge_lora, unmerge_lora
+from lora import TARGETS, LoRALinear, apply_lora, lora_layers
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -79,6 +79,12 @@ def test_fresh_lora_changes_nothing_and_is_initialised_like_peft():
 
 # ----------------------------------------------------------------------------------------- freezing
 
+def lora_state_dict(model: nn.Module) -> dict:
+    """The adapter weights alone (lora_A, lora_B, a LoRA-MoE router), keyed as in model.state_dict()."""
+    return {f"{name}.{key}": tensor for name, layer in lora_layers(model).items()
+            for key, tensor in layer.state_dict().items() if not key.startswith("base.")}
+
+
 def test_only_lora_parameters_are_trainable():
     model = tiny_llama()
     names = apply_lora(model)
@@ -112,30 +118,6 @@ def test_errors():
         apply_lora(tiny_llama(), targets=("query",))
     with pytest.raises(TypeError):
         LoRALinear(nn.Conv1d(2, 2, 1))
-    with pytest.raises(ValueError, match="cannot be merged"):
-        LoRALinear(nn.Linear(4, 4), r=2, experts=3).merge()
-
-
-# ---------------------------------------------------------------------------------------- merging
-
-def test_merged_equals_unmerged():
-    model = tiny_llama()
-    apply_lora(model)
-    g = torch.Generator().manual_seed(3)
-    for p in lora_state_dict(model).values():
-        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    tokens = torch.randint(0, 64, (2, 11), generator=g)
-    model.eval()
-    unmerged = model(tokens).logits
-    merge_lora(model)
-    assert not torch.equal(model.model.layers[1].mlp.down_proj.base.weight,
-                           before["model.layers.1.mlp.down_proj.base.weight"])
-    assert torch.allclose(model(tokens).logits, unmerged, atol=1e-5)
-    unmerge_lora(model)
-    for k, v in model.state_dict().items():
-        assert torch.allclose(v, before[k], atol=1e-6), k
-    assert torch.allclose(model(tokens).logits, unmerged, atol=1e-6)
 
 
 def test_bf16_base_layers():
@@ -148,8 +130,6 @@ def test_bf16_base_layers():
     out = model(torch.randint(0, 64, (2, 5)), labels=torch.randint(0, 64, (2, 5)))
     out.loss.backward()
     assert layer.lora_B.weight.grad.dtype == torch.bfloat16 and layer.lora_A.weight.grad.abs().sum() > 0
-    merge_lora(model)
-    unmerge_lora(model)
 
 
 def test_full_size_lora_parameter_count_on_meta():

@@ -1,4 +1,4 @@
-"""meteor.py against the Java METEOR 1.5 jar that pycocoevalcap runs (`-l en -norm`), started once.
+"""lib/meteor.py against the Java METEOR 1.5 jar that pycocoevalcap runs (`-l en -norm`), started once.
 
 Corpora: the 133 non-empty test pairs of tests/test_metrics.py, and 500 report pairs generated here
 with varied wording (synonyms, paraphrases, inflections, reordered sentences and phrases, repeated

@@ -1,4 +1,4 @@
-"""The assembled Uni-Med: full-size shapes and counts on `meta`, the shape trace (shapes.py) against
+"""The assembled Uni-Med: full-size shapes and counts on `meta`, the shape trace (workshop/shapes.py) against
 README.md's diagram, label masking, which weights learn, every ablation switch, and a tiny model that
 overfits image-text pairs of two tasks."""
 import itertools

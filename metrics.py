@@ -20,8 +20,8 @@ accuracy tests a substring; rouge 1.0.1 counts distinct n-grams; BLEU for report
 nltk's unsmoothed zero precision; report ROUGE and F1 on text normalised twice; no reversed-box check.
 
 Report generation runs the official route: normalize_word, then PTB tokenisation as pycocoevalcap's
-PTBTokenizer (Stanford CoreNLP) does it, then BLEU and METEOR 1.5 (lib/meteor.py, read from the jar's
-own data files; without them, METEOR's exact and stem modules only, marked METEOR*).
+PTBTokenizer (Stanford CoreNLP) does it (lib/ptb.py), then BLEU and METEOR 1.5 (lib/meteor.py, from
+the jar's own data files; without them, METEOR's exact and stem modules only, marked METEOR*).
 """
 import math
 import re
@@ -29,6 +29,7 @@ import sys
 from collections import Counter
 
 from lib.meteor import corpus_score, meteor_data, segment_stats
+from lib.ptb import ptb_tokenize
 
 # -----------------------------------------------------------------------------------------------
 # 1. Answer normalisation (evaluate_metrics.py, copied from the VQA evaluation API)
@@ -191,83 +192,7 @@ def sentence_bleu(references, predictions):
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. PTB tokenisation and corpus BLEU (pycocoevalcap), for report generation
-
-# pycocoevalcap drops these after tokenising; "-lrb-" etc. survive because the output is lower-cased
-PTB_PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
-                    "-", "--", "...", ";"}
-# abbreviations the Java lexer keeps together with their period (a common subset of its lists)
-PTB_ABBREV = ("mr|mrs|ms|dr|prof|gen|rep|sen|gov|lt|maj|col|capt|sgt|st|jr|sr|mt|rev|hon|esq|fr|"
-              "inc|corp|co|ltd|bros|plc|vs|cf|etc|al|ave|blvd|rd|jan|feb|mar|apr|jun|jul|aug|sep|"
-              "sept|oct|nov|dec|mon|tue|tues|wed|thu|thur|thurs|fri|sat|sun")
-PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-PTB_SPLITS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
-              "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me"),
-              "'tis": ("'t", "is"), "'twas": ("'t", "was"), "y'all": ("y'", "all")}
-PTB_CHARS = {"\u00bd": "1/2", "\u00bc": "1/4", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3",
-             "\u20ac": "$", "\u00a3": "#", "\u2026": "...", "\u2014": "--", "\u2013": "--",
-             '"': "''", "\u201c": "``", "\u201d": "''", "\u2018": "`", "\u2019": "'"}
-_AL = r"[^\W_\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2150-\u218f]"  # letters/digits, not ² or ½
-PTB_TOKEN = re.compile(rf"""
-    (?P<space>\s+)
-  | (?P<plain>[A-Za-z]+(?=\s|\Z))
-  | (?P<sgml></?[A-Za-z][^<>\n]*>)
-  | (?P<url>(?:https?|ftp)://\S+|www\.\S+\.[a-z]{{2,}}\S*)
-  | (?P<email>[\w.+-]+@\w[\w-]*(?:\.[\w-]+)+)
-  | (?P<tag>[@#][A-Za-z]\w*)
-  | (?P<acronym>(?:[^\W\d_]\.){{2,}}|[A-Za-z]\.)(?!{_AL})
-  | (?P<abbrev>(?i:{PTB_ABBREV})\.|(?i:no|nos|fig|figs|vol|pp|art|sec|ch|eq)\.(?=\s*\d))(?!{_AL})
-  | (?P<number>\d*\.\d+(?=[^\W\d_])|(?<!{_AL})(?>[-+]?(?:\d+(?:[,.:/]\d+)*|\.\d+))(?!{_AL}|-{_AL}))
-  | (?P<amp>[A-Z]+&[A-Z]+)
-  | (?P<word>'(?:\d0s|em|cause|tis|twas)(?!{_AL})|{_AL}+(?:(?:[-/]|'(?={_AL})){_AL}+)*'?)
-  | (?P<dots>\.{{3,}})
-  | (?P<dashes>--+)
-  | (?P<run>[!?]+|\*+|``|'')
-  | (?P<other>\S)
-""", re.VERBOSE)
-_PTB_TABLE = str.maketrans(PTB_CHARS)
-_PTB_DROP = re.compile("[\U00010000-\U0010ffff\u200b]")
-_CLITIC = re.compile(r"(?i)^(.+?)(n't|'s|'m|'d|'re|'ve|'ll)$")
-
-
-def _ptb_word(word):
-    """Split one word-like token the way PTBLexer does: clitics, cannot, stray apostrophes."""
-    low = word.lower()
-    if "'" not in word and low not in PTB_SPLITS:
-        return [word]
-    if low in PTB_SPLITS:
-        return list(PTB_SPLITS[low])
-    if word.endswith("'") and len(word) > 1:
-        return _ptb_word(word[:-1]) + ["'"]
-    m = _CLITIC.match(word)
-    if m and "'" not in m.group(1):
-        return [m.group(1), m.group(2)]
-    if "'" in word[1:] and not re.fullmatch(r"(?i)[a-z]'[a-z]+|ma'am", word):
-        return [t for part in word.split("'") for t in (part, "'") if t][:-1]
-    return [word]
-
-
-def ptb_tokenize(text):
-    """pycocoevalcap PTBTokenizer on one text: PTB tokens, lower-cased, punctuation tokens removed."""
-    # the Java lexer maps these characters to PTB forms and silently drops ones it cannot lex
-    text = _PTB_DROP.sub("", text).translate(_PTB_TABLE)
-    tokens = []
-    for m in PTB_TOKEN.finditer(text):
-        kind, tok = m.lastgroup, m.group()
-        if kind == "space":  # matched rather than skipped: far faster than failing every rule
-            continue
-        if kind == "sgml":
-            tokens.append(tok.replace(" ", "\u00a0"))
-        elif kind in ("plain", "word"):  # "plain": the fast path for an ordinary word
-            tokens.extend(_ptb_word(tok))
-        elif kind == "dots":
-            tokens.append("...")
-        elif kind == "dashes":
-            tokens.append("--")
-        else:
-            tokens.append(PTB_BRACKETS.get(tok, tok))
-    return " ".join(t for t in (t.lower() for t in tokens) if t not in PTB_PUNCTUATIONS)
-
+# 4. Corpus BLEU (pycocoevalcap) on PTB tokens (ptb.py), for report generation
 
 def _all_ngrams(tokens, n=4):
     return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1) for i in range(len(tokens) - k + 1))

@@ -335,6 +335,8 @@ def read_npz(path: str, keys: list[str], what: str = ".npz") -> dict[str, np.nda
 def image_error(path: str, e: Exception) -> ValueError:
     if isinstance(e, UnidentifiedImageError):  # its message is only the path again
         return ValueError(f"{path}: not an image (corrupted, or a format PIL cannot read?)")
+    if isinstance(e, Image.DecompressionBombError):  # a valid file, too many pixels to decode safely
+        return ValueError(f"{path}: refused, beyond Pillow's decompression-bomb limit: {reason(e)}")
     return unreadable(path, "image", e)
 
 

@@ -170,6 +170,20 @@ def test_a_truncated_image_is_found_from_its_header_and_end(tmp_path):
         assert files.read_image_size(path) == (96, 64) and files.read_image(path).size == (96, 64)
 
 
+def test_an_image_beyond_the_decompression_bomb_limit_is_refused_in_one_line(tmp_path):
+    """A valid 15000 x 15000 PNG (1 bit a pixel, all black: 27 KB) is over Pillow's limit; both readers
+    say so, rather than asking whether the file is truncated."""
+    path = str(tmp_path / "huge.png")
+    Image.new("1", (15000, 15000)).save(path)
+    for reader in (files.read_image, files.read_image_size):
+        with pytest.raises(ValueError) as e:
+            reader(path)
+        message = str(e.value)
+        assert message.startswith(f"{path}: refused, beyond Pillow's decompression-bomb limit: Image size "
+                                  "(225000000 pixels) exceeds limit of"), message
+        assert "\n" not in message and "truncated" not in message
+
+
 def test_read_log_cuts_a_torn_last_line_and_rejects_a_broken_middle_line(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"st')

@@ -191,6 +191,14 @@ def test_raw_texts_and_two_references_match_the_jar(jar, data):
     _check_parity(jar, data, refs, [texts[k + 1] for k in range(0, len(texts), 2)], expect_modules=(0, 1, 2, 3))
 
 
+def test_words_of_one_hash_match_as_in_the_jar(jar, data):
+    """The jar compares words by String.hashCode: "e1" and "co" (3180), "t2" and "rp" are one word."""
+    refs, preds = [["ky e1"], ["t2 scan"]], ["x co ed", "rp scan"]
+    want, _, _ = jar.score(refs, preds)
+    assert [meteor.segment_stats(r, p, data) for r, p in zip(refs, preds)] == want
+    assert want[0][4] == 1 and want[1][4] == 2  # exact matches
+
+
 def test_fallback_matches_the_jar_with_exact_and_stem_only(data, tmp_path):
     # without data files: the jar restricted to its exact and stem modules, with no function words
     (tmp_path / "none.words").write_text("")

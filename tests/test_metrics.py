@@ -144,28 +144,9 @@ def java_ptb():
     if shutil.which("java") is None:
         pytest.skip("java is not installed (pycocoevalcap's PTBTokenizer needs it)")
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    texts = [t for pair in PAIRS for t in pair] + PTB_EXTRA
+    texts = [t for pair in PAIRS for t in pair]
     out = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
     return {t: out[i][0] for i, t in enumerate(texts)}
-
-
-PTB_EXTRA = [
-    "There's no focal consolidation; lungs aren't hyperinflated, can't see it. I'm sure we'll do it, don't you?",
-    "Left-sided PICC line (tip at the cavoatrial junction) is unchanged: 3.5 cm, 1,000 mL, 12/05/2020 at 10:30 a.m.",
-    "\"Quoted\" text and 'single quotes' with `backticks` and -- dashes ... ellipsis... etc.",
-    "Naïve café résumé — em dash – en dash “curly” ‘quotes’ … 5° 10×20 μm ½ €5",
-    "e-mail: john.doe@example.com {braces} [brackets] & 50% $5 #3 +/- 1/2 3/4 a/b !! ?! **",
-    "U.S. Dr. Mr. etc. vs. e.g. i.e. No. 5 Fig. 3B T12-L1 C3-4 x-ray 2.5x3.0cm AP/PA p.o. q.d.",
-    "cannot gonna wanna gotta 'tis y'all o'clock '90s its' James' hello'world",
-    "-5 +5 .5 5. 5.0. -0.5 1,000,000 1.2.3 3-4 3/4/5 10:30:45 1st 2nd 1990s 5mm 5-mm 2x3 2*3 ~5 >5 <5 =5",
-    "jan. feb. mon. sept. ave. blvd. jr. inc. co. st. prof. mt. gen. cf. fig. the no. the pt. dx. mm.",
-    "-x x- x-- --x x--y (x) <b>bold</b> x|y x\\y ^x ø æ ß ñ αβγ 10μm ±2 x² · • → ©",
-]
-
-
-def test_ptb_tokenize_matches_java(java_ptb):
-    wrong = [(t, java_ptb[t], M.ptb_tokenize(t)) for t in java_ptb if M.ptb_tokenize(t) != java_ptb[t]]
-    assert not wrong, "\n".join(f"{t!r}\n  java: {j!r}\n  ours: {o!r}" for t, j, o in wrong)
 
 
 def test_corpus_bleu_matches_pycocoevalcap(java_ptb):
@@ -292,14 +273,14 @@ def test_rec_iou_and_recall():
 
 # --- command line ------------------------------------------------------------------------------
 
-def test_cli_scores_a_predictions_file(tmp_path):
+def test_score_command_scores_a_predictions_file(tmp_path):
     rows = [{"task": "vqa", "prediction": "Yes", "reference": "yes", "answer_type": "CLOSED"},
             {"task": "vqa", "prediction": "the liver", "reference": "liver", "answer_type": "OPEN"},
             {"task": "cls", "prediction": "melanoma", "reference": "Melanoma"},
             {"task": "caption", "prediction": "the heart is normal.", "reference": "Heart size is normal."}]
     path = tmp_path / "predictions.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    out = subprocess.run([sys.executable, str(Path(M.__file__)), str(path)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "workshop.score", str(path)], capture_output=True, text=True,
+                         check=True, cwd=Path(M.__file__).parent).stdout
     assert "vqa (2 samples)" in out and "closed_acc 100.00" in out and "f1 100.00" in out
     assert "cls (1 samples): acc 100.00" in out and "caption (1 samples)" in out and "rougeL" in out

@@ -7,7 +7,6 @@ steady state (workshop/plan.py) with the optimizer built up one lever at a time:
 then lib/optim.py's AdamWInBackward with each lever added in turn, then --low-memory's chunk size
 varied. Each row prints the peak, where it falls, and the saving against the row above.
 """
-import functools
 import os
 import sys
 import time
@@ -58,7 +57,7 @@ def main():
     print(f"{'optimizer':84} {'peak GiB':>9} {'saves':>6}  peak reached in   moments  grads  temps")
     for name, make in LEVERS:
         start = time.perf_counter()
-        planner.make_optimizer = functools.partial(make)  # what plan_memory builds its optimizer with
+        planner.make_optimizer = make  # what plan_memory builds its optimizer with
         plan = planner.plan_memory(config, LlamaConfig(), vit, dtype=dtype, vit_dtype=dtype, autocast=None,
                                    grad_checkpointing=args.grad_checkpointing, batch_size=args.batch_size,
                                    text_tokens=planner.PLAN_TEXT_TOKENS, device="cpu")

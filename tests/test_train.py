@@ -124,7 +124,7 @@ def test_resume_is_exact_and_its_log_has_no_repeated_steps(run, tmp_path):
 
 def test_low_memory_resumes_exactly_and_logs_the_gradient_norm(run, tmp_path):
     # --low-memory: AdamW steps each weight in the backward, bf16 moments (lib/optim.py); chunks of
-    # 2^10 elements, so that the tiny router's first layer (32 x 1536 weights) is split too
+    # 2^10 elements, so that the tiny connector's Linears (the router's first: 32 x 256 weights) are split too
     flags = ["--iters", "6", "--low-memory"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "AdamWInBackward", functools.partial(train.AdamWInBackward, chunk=2**10))

@@ -32,6 +32,7 @@ import data
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
 from lib.checkpoint import FORMAT, is_ours, read_checkpoint
 from lib.files import save_torch
+from lib.optim import AdamWInBackward
 from lib.run import any_rank, log_record, open_log, stop_signals
 from model import LORA_MOE, UniMed, UniMedConfig
 from vision import EVAConfig
@@ -68,7 +69,7 @@ def lr_at(step: int, s: dict) -> float:
 
 C, U = ConnectorConfig, UniMedConfig  # the defaults the help strings name
 RUN_DEFAULTS = dict(batch_size=4, grad_accum=1, seed=42, out="ckpt.pt", log_every=10, save_every=1000,
-                    check_data=True, lora_moe=False)
+                    check_data=True, lora_moe=False, low_memory=False)
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
@@ -113,6 +114,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
                    "(default bf16 on CUDA, fp32 on CPU); trainable weights are always fp32")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute LLaMA blocks in backward (default on with CUDA)")
+    g.add_argument("--low-memory", action=argparse.BooleanOptionalAction, help="AdamW steps each weight inside "
+                   "the backward, moments in bf16 (lib/optim.py): the paper's run fits a 24 GB card (default off)")
     return p
 
 
@@ -165,14 +168,17 @@ def unimed_config(args) -> UniMedConfig:
                         lora_experts=lora_experts, lora_top_k=args.top_k)
 
 
-def make_optimizer(model, lr, betas) -> torch.optim.AdamW:
+def make_optimizer(model, lr, betas, low_memory=False) -> torch.optim.Optimizer:
     """AdamW with weight decay 0.05, none on 1-d parameters and biases (as the LAVIS runner does;
-    the task tokens are [1, 1, D] tensors, so they are decayed there as here)."""
+    the task tokens are [1, 1, D] tensors, so they are decayed there as here). low_memory: the
+    same AdamW stepping each weight inside the backward, its moments in bf16 (lib/optim.py)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+    if low_memory:
+        return AdamWInBackward(model, groups, lr=lr, betas=betas)
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
@@ -299,6 +305,9 @@ def setup(args, rank: int, world: int, base: Base) -> Run:
     """The data (every row checked), the base weights and the model, the optimizer; and
     everything a checkpoint holds, on --resume."""
     device = torch.device(args.device)
+    if args.low_memory and (args.grad_accum > 1 or world > 1):
+        raise ValueError("--low-memory steps each weight inside its backward, so there is no whole gradient to "
+                         "accumulate (--grad-accum) or to average over processes (DDP): run it alone with --grad-accum 1")
     schedule = {**SCHEDULES[args.schedule], "iters": args.iters, "lr": args.lr}
     if rank == 0:
         print(f"schedule {args.schedule}: {args.iters} steps, lr {args.lr:g} (warmup {schedule['warmup']} "
@@ -316,7 +325,7 @@ def setup(args, rank: int, world: int, base: Base) -> Run:
                                    dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=device)
     model.set_gradient_checkpointing(args.grad_checkpointing)
     model.train()
-    optimizer = make_optimizer(model, schedule["lr"], schedule["betas"])
+    optimizer = make_optimizer(model, schedule["lr"], schedule["betas"], args.low_memory)
     # LambdaLR scales the peak lr by lr_at(step) / peak, stepping once per optimizer step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, schedule) / schedule["lr"])
     net = model
@@ -377,7 +386,7 @@ def train_step(run: Run, samples: list) -> tuple:
         sync = run.net.no_sync() if run.world > 1 and not last_micro else contextlib.nullcontext()
         with sync:  # UniMed runs its maths under autocast in the base dtype (bf16)
             loss, weights, n = run.net(images, batch.instructions, batch.answers, batch.task)
-            (loss / args.grad_accum).backward()
+            (loss / args.grad_accum).backward()  # with --low-memory, each weight takes its AdamW step in here
         loss_sum += loss.detach().float() / args.grad_accum
         tokens += n
         if weights is not None:
@@ -391,10 +400,13 @@ def train_step(run: Run, samples: list) -> tuple:
     loss_value = loss_sum.item()
     if not math.isfinite(loss_value):
         raise Stop(f"loss is {loss_value} {where}; {keeps}")
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf")).item()  # measure only
+    if args.low_memory:  # each weight took its step in the backward, which summed the squares of its gradient
+        grad_norm = run.optimizer.grad_norm().item()
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf")).item()  # measure only
     if not math.isfinite(grad_norm):
         raise Stop(f"gradient norm is {grad_norm} {where}; {keeps}")
-    run.optimizer.step()
+    run.optimizer.step()  # with --low-memory, the steps are taken: this ends them
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1

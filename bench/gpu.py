@@ -7,7 +7,8 @@ Sections, each guarded (a failure prints an ERROR row and the next section runs)
 as soon as it is measured, the table also written to $OUT/gpu_table.md when OUT is set:
   1. bandwidth: a device-to-device copy of 2 GiB (reads and writes every byte: 2 x bytes / time)
   2. training step at full size (bench/train_step.py): s/step, peak memory next to the planner's
-     prediction for the same shapes (python -m workshop.plan), MFU
+     prediction for the same shapes (python -m workshop.plan), MFU; then the same with train.py
+     --low-memory's optimizer (lib/optim.py): s/step and peak memory next to its plan
   3. EVA ViT-G (39 blocks, 224 px) img/s at batch 1 and 32, against transformers' Blip2VisionModel
   4. LLaMA-2-7B, random bf16 weights: agreement with transformers' LlamaForCausalLM (logits and
      greedy tokens), decode tokens/s at batch 1 for ours eager, transformers eager and ours compiled,
@@ -130,6 +131,21 @@ def training_step(table, device, s, state):
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
     table.row("training step", "MFU", mfu, f"of {r['peak_tflops']} TFLOP/s dense bf16" if r["peak_tflops"] else "",
               f"{r['flops'] / r['seconds'] / 1e12:.1f} TFLOP/s achieved")
+    del r
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    low = train_step.measure(device, llama, vit, s["dtype"], grad_checkpointing=True,
+                             steps=s["steps"], warmup=s["warmup"], low_memory=True)
+    table.row("training step, --low-memory", f"s/step ({shape})", f"{low['seconds']:.3f}", "", "AdamW in the backward, "
+              "bf16 moments")
+    if low["peak"] is not None:
+        table.row("training step, --low-memory", "peak memory allocated (GiB)", f"{low['peak'] / G:.2f}",
+                  f"planned {low['planned'] / G:.2f} (python -m workshop.plan)",
+                  f"plan/measured {low['planned'] / low['peak']:.3f}; reserved {low['reserved'] / G:.2f}; "
+                  f"24 GB card: {'fits' if low['reserved'] + 0.5 * G <= 24 * G else 'does not fit'}")
+    else:
+        table.row("training step, --low-memory", "peak memory (GiB)", "n/a on CPU", f"planned {low['planned'] / G:.3f}", "")
 
 
 # ---- 3. ViT-G ------------------------------------------------------------------------------------

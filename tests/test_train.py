@@ -4,6 +4,7 @@ saves, NaN stop, DDP on gloo, and one step of every Table 2 ablation.
 One tiny demo (make_demo, a tiny EVA, a briefly pre-trained tiny LLaMA) is built once for the
 module; every test trains from it on CPU in fp32 and writes into its own tmp_path.
 """
+import functools
 import json
 import os
 import shutil
@@ -121,6 +122,36 @@ def test_resume_is_exact_and_its_log_has_no_repeated_steps(run, tmp_path):
     assert [(r["loss"], r["lr"]) for r in log] == [(r["loss"], r["lr"]) for r in straight_log]
 
 
+def test_low_memory_resumes_exactly_and_logs_the_gradient_norm(run, tmp_path):
+    # --low-memory: AdamW steps each weight in the backward, bf16 moments (lib/optim.py); chunks of
+    # 2^10 elements, so that the tiny connector's Linears (the router's first: 32 x 256 weights) are split too
+    flags = ["--iters", "6", "--low-memory"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "AdamWInBackward", functools.partial(train.AdamWInBackward, chunk=2**10))
+        straight, straight_log, _ = run(*flags, out="straight.pt")
+        _, _, path = run(*flags, out="resumed.pt", stop_at=3)
+        train.main(["--resume", path, "--out", path])
+    resumed = torch.load(path, map_location="cpu", weights_only=True)
+    assert resumed["step"] == 6 and resumed["config"]["args"]["low_memory"] is True
+    assert_same_weights(straight["model"], resumed["model"])
+    moments = lambda ckpt: [t for s in ckpt["optimizer"]["state"].values() for k, t in s.items() if k != "step"]
+    assert all(t.dtype == torch.bfloat16 for t in moments(resumed))
+    assert all(torch.equal(a, b) for a, b in zip(moments(straight), moments(resumed)))
+    log = [json.loads(line) for line in open(path[:-3] + ".jsonl")]
+    assert [(r["loss"], r["grad_norm"]) for r in log] == [(r["loss"], r["grad_norm"]) for r in straight_log]
+    # step 1 starts from the same weights as the standard path: the same gradient, summed otherwise
+    _, standard_log, _ = run("--iters", "1", out="standard.pt")
+    assert straight_log[0]["loss"] == standard_log[0]["loss"]
+    assert straight_log[0]["grad_norm"] == pytest.approx(standard_log[0]["grad_norm"], rel=1e-4)
+
+
+def test_low_memory_refuses_grad_accum_and_ddp(run):
+    with pytest.raises(SystemExit, match=r"^train.py: --low-memory steps each weight inside its backward.*--grad-accum 1$"):
+        run("--iters", "1", "--low-memory", "--grad-accum", "2")
+    with pytest.raises(ValueError, match="average over processes"):
+        train.setup(train.parse_args([*FAST, "--low-memory"]), rank=0, world=2, base=None)
+
+
 def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     files.save_torch(path, {"step": 1, "model": {"w": torch.ones(3)}})
@@ -135,7 +166,8 @@ def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--low-memory"]], ids=["standard", "low-memory"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp_path, flags):
     calls = {"n": 0}
     forward = UniMed.forward
 
@@ -145,7 +177,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp
         return (loss * float("nan") if calls["n"] == 3 else loss), weights, tokens
     monkeypatch.setattr(UniMed, "forward", nan_on_third_step)
     with pytest.raises(SystemExit, match=r"loss is nan at step 3 \(task '\w+'"):
-        run("--iters", "6", "--save-every", "2")
+        run("--iters", "6", "--save-every", "2", *flags)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())

@@ -33,8 +33,6 @@ def allocator_peak(config, dtype, grad_checkpointing, batch_size, text_tokens) -
     model.set_gradient_checkpointing(grad_checkpointing)
     model.train()
     optimizer = planner.make_optimizer(model, 1e-6, (0.9, 0.95))
-    for group in optimizer.param_groups:
-        group["foreach"] = True
     batch = planner.plan_batch(batch_size, EVA.img_size, text_tokens, "cpu")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         planner.plan_step(model, optimizer, batch)

@@ -77,7 +77,7 @@ def plan_step(model: UniMed, optimizer, batch, phase=lambda name: None) -> None:
     loss.backward()
     del loss
     phase("optimizer step")
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], float("inf"))
+    torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.step()
 
 
@@ -158,8 +158,6 @@ def plan_memory(config: UniMedConfig, llama: LlamaConfig, vit: EVAConfig, *, dty
         model.set_gradient_checkpointing(grad_checkpointing)
         model.train()
         optimizer = make_optimizer(model, 1e-6, (0.9, 0.95))
-        for group in optimizer.param_groups:
-            group["foreach"] = True  # AdamW's choice for CUDA tensors; a fake tensor does not qualify
         plan_step(model, optimizer, plan_batch(batch_size, vit.img_size, text_tokens, device), mem.phase)
         # What is live now has a name; anything else live at the peak was a temporary, or an
         # activation if the forward made it and left it for the backward.

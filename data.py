@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -43,8 +43,7 @@ class Sample:
     answer_type: Optional[str] = None             # OPEN | CLOSED for the VQA sets
 
 
-@dataclass
-class Batch:
+class Batch(NamedTuple):  # a tuple: DataLoader(pin_memory=True) pins its images for an asynchronous copy
     images: Optional[torch.Tensor]                # [B, 3, S, S], or None for a QA batch
     instructions: list
     answers: list
@@ -529,6 +528,10 @@ class Mixture:
         return order
 
     def next_batch(self) -> list:
+        return [self.datasets[name].get(i, t) for name, i, t in self.draw()]
+
+    def draw(self) -> list[tuple]:
+        """The next batch's (dataset, row, template) triples: all the sampler's randomness and state."""
         k = int(torch.multinomial(self.weights, 1, generator=self.generator))
         ds = self.datasets[self.names[k]]
         if self.pos[k] + self.batch_size > len(ds):  # drop_last, then a new epoch of this dataset
@@ -537,7 +540,7 @@ class Mixture:
         self.pos[k] += self.batch_size
         self.step += 1
         templates = torch.randint(len(ds.templates), (self.batch_size,), generator=self.generator)
-        return [ds.get(i, int(t)) for i, t in zip(idx, templates)]
+        return [(self.names[k], i, int(t)) for i, t in zip(idx, templates)]
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "names": list(self.names), "batch_size": self.batch_size,

@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
 from cmoe import Connector, ConnectorConfig
@@ -458,6 +457,7 @@ class UniMed(nn.Module):
         self.llama = llama.requires_grad_(False)
         apply_lora(self.llama, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                    experts=config.lora_experts, top_k=config.lora_top_k)
+        self.pad_to = 1  # training rows padded to a multiple of it: compiled code wants few shapes
         # Trainable parameters live in fp32 whatever the base dtype: a bf16 weight cannot hold an
         # update of lr 1e-6 (its 8-bit mantissa rounds it away). Autocast runs the maths in bf16.
         for p in self.parameters():
@@ -549,28 +549,37 @@ class UniMed(nn.Module):
                         task: str):
         """Right-padded rows `<s> prompt answer </s>` for teacher forcing (spec section 4).
 
-        Returns embeds [B, T, D], attention mask [B, T] (None if no row is padded), labels [B, T]
-        (-100 everywhere but on the answer and its </s>, so only the answer is learned), the
-        routing weights and the number of real (unpadded) tokens, counted on the host."""
+        Returns embeds [B, T, D], labels [B, T] (-100 everywhere but on the answer and its </s>, so
+        only the answer is learned), the routing weights and the number of real tokens. Ids and labels
+        go to the device in one copy; one lookup embeds them, and the image goes in after it. Rows end
+        in padding, so under causal attention no real token sees a pad: the LLaMA needs no mask."""
         image_embeds, routing_weights = (None, None) if images is None else self.encode_images(images, task)
-        prompts = self.embed_prompts(instructions, image_embeds, train=True)
-        bos = self.embed_ids([self.tokenizer.bos_id])                           # [1, D]
-        rows, labels = [], []
-        for prompt, answer in zip(prompts, answers):
+        image = [] if image_embeds is None else [0] * image_embeds.shape[1]  # placeholder ids
+        rows = []  # (ids, where the answer starts)
+        for instruction, answer in zip(instructions, answers):
+            before, *after = [self.tokenizer.encode(text, bos=False)
+                              for text in build_prompt(instruction, bool(image), train=True).split("<ImageHere>")]
+            prompt = (before + image + sum(after, []))[: self.config.max_context_len]  # the official cap
             answer_ids = self.tokenizer.encode(answer, bos=False, eos=True)[: self.config.max_txt_len]
-            rows.append(torch.cat([bos, prompt, self.embed_ids(answer_ids)]))
-            labels.append(torch.tensor([-100] * (1 + len(prompt)) + answer_ids))
-        embeds, mask = pad_rows(rows, left=False)                                # [B, T, D], [B, T]
-        labels = pad_sequence(labels, batch_first=True, padding_value=-100).to(embeds.device)
-        return embeds, mask, labels, routing_weights, sum(len(row) for row in rows)
+            rows.append(([self.tokenizer.bos_id] + prompt + answer_ids, 1 + len(prompt)))
+        T = -(-max(len(ids) for ids, _ in rows) // self.pad_to) * self.pad_to
+        host = torch.tensor([[ids + [0] * (T - len(ids)) for ids, _ in rows],
+                             [[-100] * a + ids[a:] + [-100] * (T - len(ids)) for ids, a in rows]])  # [2, B, T]
+        host = host.pin_memory() if torch.cuda.is_available() else host  # an asynchronous copy
+        ids, labels = host.to(self.llama.embed.weight.device, non_blocking=True)
+        embeds = self.llama.embed(ids)                                           # [B, T, D]
+        if image:  # every row's image starts after the same text, "<s>[INST] <Img>"
+            at = 1 + len(before)
+            embeds = torch.cat([embeds[:, :at], image_embeds.to(embeds.dtype), embeds[:, at + len(image):]], 1)
+        return embeds, labels, routing_weights, sum(len(ids) for ids, _ in rows)
 
     def forward(self, images: Optional[torch.Tensor], instructions: list[str], answers: list[str],
                 task: str):
         """Mean cross-entropy over the answer tokens of one single-task batch, the routing weights
         [B, T_img, N] (None for QA, or a connector without experts) and the batch's token count."""
         with self.autocast():
-            embeds, mask, labels, routing_weights, tokens = self.training_inputs(images, instructions, answers, task)
-            logits = self.llama(inputs_embeds=embeds, attention_mask=mask)          # [B, T, V]
+            embeds, labels, routing_weights, tokens = self.training_inputs(images, instructions, answers, task)
+            logits = self.llama(inputs_embeds=embeds)                            # [B, T, V]
         # Position t predicts token t + 1.
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                ignore_index=-100)

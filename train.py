@@ -23,6 +23,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -32,8 +33,10 @@ import data
 from cmoe import CONNECTORS, RESAMPLERS, ROUTER_INPUTS, ROUTERS, ConnectorConfig
 from lib.checkpoint import FORMAT, is_ours, read_checkpoint
 from lib.files import save_torch
+from lib.compiled import compile_for_training
+from lib.loader import drawn_batches
 from lib.optim import AdamWInBackward
-from lib.run import any_rank, log_record, open_log, stop_signals
+from lib.run import Stop, any_rank, log_record, open_log, read_back, stop_signals
 from model import LORA_MOE, UniMed, UniMedConfig
 from vision import EVAConfig
 
@@ -116,6 +119,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
                    help="recompute LLaMA blocks in backward (default on with CUDA)")
     g.add_argument("--low-memory", action=argparse.BooleanOptionalAction, help="AdamW steps each weight inside "
                    "the backward, moments in bf16 (lib/optim.py): the paper's run fits a 24 GB card (default off)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="compile the ViT and LLaMA blocks (default off)")
+    g.add_argument("--workers", type=int, help="DataLoader processes reading images ahead (default 4 with CUDA, 0 on CPU)")
     return p
 
 
@@ -145,7 +150,7 @@ def parse_args(argv=None, plan: bool = False) -> argparse.Namespace:
               f"{sched['warmup']}-step warmup, so the peak lr is never reached")
     fill(args, device="cuda" if torch.cuda.is_available() or plan else "cpu")
     cuda = args.device.startswith("cuda")
-    fill(args, dtype="bf16" if cuda else "fp32", grad_checkpointing=cuda)
+    fill(args, dtype="bf16" if cuda else "fp32", grad_checkpointing=cuda, compile=False, workers=4 if cuda else 0)
     return args
 
 
@@ -179,13 +184,19 @@ def make_optimizer(model, lr, betas, low_memory=False) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
     if low_memory:
         return AdamWInBackward(model, groups, lr=lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)  # one kernel, step counts on the device
 
 
 def micro_batches(samples: list, rank: int, world: int, accum: int) -> list[list]:
     """This rank's micro-batches of one global batch: micro-batch m of M = accum x world is samples[m::M]."""
     M = accum * world
     return [samples[i * world + rank::M] for i in range(accum)]
+
+
+def make_batches(datasets: dict, image_size: int, rank: int, world: int, accum: int, drawn: list) -> list:
+    """This rank's micro-batches of one drawn global batch, images read (in a DataLoader worker)."""
+    return [data.collate([datasets[name].get(i, t) for name, i, t in micro], image_size=image_size)
+            for micro in micro_batches(drawn, rank, world, accum)]
 
 
 @dataclass
@@ -233,10 +244,6 @@ def set_rng_state(state: dict) -> None:
 # -------------------------------------------------------------------------------------------------
 # The loop
 
-class Stop(Exception):
-    """Raised to end the run early with a message (NaN loss)."""
-
-
 @dataclass
 class Run:
     """Everything one training run holds between steps."""
@@ -251,6 +258,7 @@ class Run:
     mixture: data.Mixture
     config: dict                    # what the checkpoint records: model config, base weights, data
     step: int = 0
+    sampler: dict = field(default_factory=dict)  # the mixture's state after the last batch trained on
 
     @property
     def main_rank(self) -> bool:
@@ -259,7 +267,7 @@ class Run:
     def checkpoint(self) -> dict:
         return {"format": FORMAT, "step": self.step, "config": self.config,
                 "model": self.model.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "sampler": self.mixture.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler,
                 "rng": rng_state()}
 
 
@@ -325,6 +333,8 @@ def setup(args, rank: int, world: int, base: Base) -> Run:
                                    dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, device=device)
     model.set_gradient_checkpointing(args.grad_checkpointing)
     model.train()
+    if args.compile:
+        compile_for_training(model)
     optimizer = make_optimizer(model, schedule["lr"], schedule["betas"], args.low_memory)
     # LambdaLR scales the peak lr by lr_at(step) / peak, stepping once per optimizer step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, schedule) / schedule["lr"])
@@ -372,14 +382,14 @@ def check_data(datasets: dict, rank: int, world: int, shown: int = 20) -> None:
               f"{time.perf_counter() - start:.2f} s: no problems")
 
 
-def train_step(run: Run, samples: list) -> tuple:
-    """One optimizer step on one global batch (one dataset, so one task): the micro-batches of this
-    rank, their gradients reduced over ranks, AdamW. Returns loss, grad norm, tokens, routing."""
+def train_step(run: Run, micros: list) -> tuple:
+    """One optimizer step on this rank's micro-batches of one global batch (one dataset, so one task),
+    their gradients reduced over ranks, AdamW. Returns the loss and the gradient norm as device
+    tensors (the loop reads them on log steps only: a read waits for the device), tokens, routing."""
     args, model = run.args, run.model
     loss_sum, tokens, routing = torch.zeros((), device=run.device), 0, None
-    for i, micro in enumerate(micro_batches(samples, run.rank, run.world, args.grad_accum)):
-        batch = data.collate(micro, image_size=model.image_size)
-        images = batch.images.to(run.device) if batch.images is not None else None
+    for i, batch in enumerate(micros):
+        images = batch.images.to(run.device, non_blocking=True) if batch.images is not None else None
         # dropout masks depend on (seed, step, micro-batch) only: exact resume and DDP
         torch.manual_seed((args.seed * 1_000_003 + run.step) * 4099 + i * run.world + run.rank)
         last_micro = i == args.grad_accum - 1
@@ -394,23 +404,15 @@ def train_step(run: Run, samples: list) -> tuple:
     if run.world > 1:  # every rank sees the same loss, so all stop together on a NaN
         dist.all_reduce(loss_sum)
         loss_sum /= run.world
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    where = f"at step {run.step + 1} (task {samples[0].task!r}, dataset {samples[0].dataset!r})"
-    keeps = f"stopping without saving, {args.out} keeps the last good checkpoint"
-    loss_value = loss_sum.item()
-    if not math.isfinite(loss_value):
-        raise Stop(f"loss is {loss_value} {where}; {keeps}")
     if args.low_memory:  # each weight took its step in the backward, which summed the squares of its gradient
-        grad_norm = run.optimizer.grad_norm().item()
+        grad_norm = run.optimizer.grad_norm()
     else:
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf")).item()  # measure only
-    if not math.isfinite(grad_norm):
-        raise Stop(f"gradient norm is {grad_norm} {where}; {keeps}")
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     run.optimizer.step()  # with --low-memory, the steps are taken: this ends them
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return loss_value, grad_norm, tokens * run.world, routing
+    return loss_sum, grad_norm, tokens * run.world, routing
 
 
 def loop(run: Run, stop_at=None) -> dict:
@@ -419,22 +421,31 @@ def loop(run: Run, stop_at=None) -> dict:
     args, last, window = run.args, None, []
     bar = tqdm(total=args.iters, initial=run.step, desc="train", disable=not run.main_rank, dynamic_ncols=True)
     resume_step = run.step if args.resume else None
-    with stop_signals(run.main_rank) as stop, open_log(log_path(args), resume_step, run.main_rank) as log, bar:
+    make = partial(make_batches, run.mixture.datasets, run.model.image_size, run.rank, run.world, args.grad_accum)
+    batches = drawn_batches(lambda: (run.mixture.draw(), run.mixture.state_dict()), make, args.workers,
+                            pin=run.device.type == "cuda")  # batch_size x grad_accum x world samples a step
+    with stop_signals(run.main_rank) as stop, open_log(log_path(args), resume_step, run.main_rank) as log, bar, \
+            contextlib.closing(batches):
         while run.step < args.iters:
             t0 = time.perf_counter()
-            samples = run.mixture.next_batch()  # one dataset, batch_size x grad_accum x world samples
-            loss, grad_norm, tokens, routing = train_step(run, samples)
-            lr = run.scheduler.get_last_lr()[0]
-            window.append(dict(task=samples[0].task, loss=loss, tokens=tokens, seconds=time.perf_counter() - t0,
-                               routing=routing))
+            micros, drawn, run.sampler = next(batches)
+            loss, grad_norm, tokens, routing = train_step(run, micros)
+            window.append(dict(step=run.step, task=micros[0].task, dataset=drawn[0][0], loss=loss,
+                               grad_norm=grad_norm, tokens=tokens, seconds=time.perf_counter() - t0, routing=routing))
             bar.update(1)
-            bar.set_postfix_str(f"{samples[0].task} loss {loss:.3f} lr {lr:.1e} gn {grad_norm:.2f}")
-            if log and (run.step % args.log_every == 0 or run.step == args.iters):
-                log.write(json.dumps(log_record(window, run.step, lr, grad_norm, run.device)) + "\n")
-                log.flush()
-                window = []
             stopping = any_rank(stop["requested"], run.world, run.device) or run.step == stop_at
-            if run.step == args.iters or stopping or (args.save_every and run.step % args.save_every == 0):
+            saving = run.step == args.iters or stopping or (args.save_every and run.step % args.save_every == 0)
+            if saving or run.step % args.log_every == 0:
+                read_back(window, args.out)  # a NaN since the last read stops the run here, before a save
+            lr = run.scheduler.get_last_lr()[0]
+            if run.step % args.log_every == 0 or run.step == args.iters:
+                bar.set_postfix_str(f"{window[-1]['task']} loss {window[-1]['loss']:.3f} lr {lr:.1e} "
+                                    f"gn {window[-1]['grad_norm']:.2f}")
+                if log:
+                    log.write(json.dumps(log_record(window, run.step, lr, window[-1]["grad_norm"], run.device)) + "\n")
+                    log.flush()
+                window = []
+            if saving:
                 last = save(run)
             if stopping:
                 if run.main_rank:

@@ -1,9 +1,11 @@
-"""Around the training loop: stopping cleanly on a signal, and the JSONL log of a run.
+"""Around the training loop: stopping cleanly on a signal or a NaN, and the JSONL log of a run.
 
 train.py's loop reads `stop["requested"]` after each step (Ctrl-C or SIGTERM set it; a second
-Ctrl-C aborts), and writes one `log_record` every --log-every steps to the log `open_log` gives.
+Ctrl-C aborts), reads the steps' losses back (`read_back`) on log and save steps, and writes one
+`log_record` every --log-every steps to the log `open_log` gives.
 """
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -42,6 +44,26 @@ def any_rank(flag: bool, world: int, device) -> bool:
     t = torch.tensor(float(flag), device=device)
     dist.all_reduce(t)
     return bool(t > 0)
+
+
+class Stop(Exception):
+    """Raised to end the run early with a message (NaN loss)."""
+
+
+def read_back(window: list, out: str) -> None:
+    """The losses and gradient norms of the window's steps (dicts), still device tensors, to the host
+    in one read: a read waits for the device, so the loop reads only on log and save steps. A
+    non-finite one stops the run before it saves: `out` keeps the last good checkpoint."""
+    fresh = [s for s in window if torch.is_tensor(s["loss"])]
+    if not fresh:
+        return
+    values = torch.stack([torch.stack((s["loss"], s["grad_norm"])) for s in fresh]).tolist()
+    for s, (loss, norm) in zip(fresh, values):
+        s["loss"], s["grad_norm"] = loss, norm
+        for what, value in (("loss", loss), ("gradient norm", norm)):
+            if not math.isfinite(value):
+                raise Stop(f"{what} is {value} at step {s['step']} (task {s['task']!r}, dataset {s['dataset']!r}); "
+                           f"stopping without saving, {out} keeps the last good checkpoint")
 
 
 @contextlib.contextmanager

@@ -353,8 +353,8 @@ def official_model_from(source: UniMed, llama_dir: str, experts: int) -> Officia
 def logits_of(model: UniMed, images, instructions, answers, task):
     """The LLaMA's logits [B, T, V] on a teacher-forced batch, the image embeddings and routing weights."""
     with torch.no_grad():
-        embeds, mask, _, weights, _ = model.training_inputs(images, instructions, answers, task)
-        return model.llama(inputs_embeds=embeds, attention_mask=mask), embeds, weights
+        embeds, _, weights, _ = model.training_inputs(images, instructions, answers, task)
+        return model.llama(inputs_embeds=embeds), embeds, weights
 
 
 def assert_same_model(source: UniMed, loaded: UniMed, data_root: str, name: str):

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny demo: learning, checkpoints, the curves picture, exact resume, atomic
-saves, NaN stop, DDP on gloo, and one step of every Table 2 ablation.
+saves, NaN stop, no host reads between log steps, DataLoader workers, DDP on gloo, and one step of
+every Table 2 ablation.
 
 One tiny demo (make_demo, a tiny EVA, a briefly pre-trained tiny LLaMA) is built once for the
 module; every test trains from it on CPU in fp32 and writes into its own tmp_path.
@@ -20,6 +21,7 @@ import data
 from lib.checkpoint import FORMAT
 from workshop import demo as workshop_demo
 from lib import files
+from lib.ops import OpCounter
 import train
 from model import UniMed
 from workshop.demo import build_demo
@@ -181,6 +183,59 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_nan_between_log_steps_stops_at_the_next_read_before_a_save(run, monkeypatch, tmp_path):
+    calls = {"n": 0}
+    forward = UniMed.forward
+
+    def nan_on_fifth_step(self, *args, **kwargs):
+        loss, weights, tokens = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 5 else loss), weights, tokens
+    monkeypatch.setattr(UniMed, "forward", nan_on_fifth_step)
+    with pytest.raises(SystemExit, match=r"loss is nan at step 5 \(task '\w+'"):
+        run("--iters", "12", "--log-every", "10", "--save-every", "3")  # read at step 6, a save step
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("checkpointing", ["--no-grad-checkpointing", "--grad-checkpointing"])
+def test_steps_that_neither_log_nor_save_read_nothing_back(run, monkeypatch, checkpointing):
+    """A host read (.item(), float(), bool(), tolist) waits for the device: only log and save steps may."""
+    counter, at = OpCounter(), {"step": 0}
+    step, draw = train.train_step, data.Mixture.draw
+
+    def counted_step(run, micros):
+        at["step"] = run.step + 1  # the reads until the next step's are this step's
+        return step(run, micros)
+
+    def sampler_draw(self):  # the sampler's CPU tensors are host data on any machine: not counted
+        with counter.pause():
+            return draw(self)
+    monkeypatch.setattr(train, "train_step", counted_step)
+    monkeypatch.setattr(data.Mixture, "draw", sampler_draw)
+    reads = []
+    counter.reads = type("Reads", (list,), {"append": lambda self, name: reads.append((at["step"], name))})()
+    with counter:
+        run("--iters", "6", "--log-every", "3", "--save-every", "0", checkpointing)
+    steps = {s for s, _ in reads if s > 0}  # step 0: setting up
+    assert 3 in steps and steps <= {3, 6}, reads
+
+
+def test_workers_make_the_same_run_and_resume_exactly(run, tmp_path):
+    """Images read in 2 DataLoader workers, which run ahead of the step: the same losses and weights as
+    reading them in the main process, and the checkpoint holds the sampler of the last step trained."""
+    straight, straight_log, _ = run("--iters", "4", "--workers", "0", out="w0.pt")
+    workers, workers_log, _ = run("--iters", "4", "--workers", "2", out="w2.pt")
+    assert [r["loss"] for r in workers_log] == [r["loss"] for r in straight_log]
+    assert_same_weights(straight["model"], workers["model"])
+    half, _, path = run("--iters", "4", "--workers", "2", out="resumed.pt", stop_at=2)
+    assert half["sampler"]["step"] == 2
+    train.main(["--resume", path, "--out", path])
+    resumed = torch.load(path, map_location="cpu", weights_only=True)
+    assert_same_weights(straight["model"], resumed["model"])
+    assert torch.equal(straight["sampler"]["generator"], resumed["sampler"]["generator"])
 
 
 def test_bad_data_stops_the_run_before_the_weights_are_loaded(demo, tmp_path, monkeypatch):

@@ -20,7 +20,11 @@ WORDS = ("left right upper lower lung liver kidney heart bright dark round squar
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
+    return word_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def word_tokenizer(d) -> Tokenizer:
+    """A sentencepiece tokenizer of WORDS and the prompt's pieces, written under directory `d`."""
     lines = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
     lines += ["[INST] <Img><ImageHere></Img> [vqa] [refer] [cls] [caption] [identify] [qa] [/INST] {<12><34>}"]
     (d / "text.txt").write_text("\n".join(lines * 4))
@@ -133,21 +137,38 @@ def test_labels_cover_only_the_answer_and_eos(tokenizer):
     model = tiny_unimed(tokenizer)
     images = torch.randn(2, 3, 56, 56)
     answers = ["left lung", "yes"]
-    embeds, mask, labels, weights, tokens = model.training_inputs(
+    embeds, labels, weights, tokens = model.training_inputs(
         images, ["[vqa] which side", "[vqa] is the heart round"], answers, "vqa")
+    reals = []
     for row, answer in enumerate(answers):
         before, after = build_prompt(["[vqa] which side", "[vqa] is the heart round"][row], True, True).split("<ImageHere>")
         prompt_len = len(tokenizer.encode(before, bos=False)) + 4 + len(tokenizer.encode(after, bos=False))  # 16 patches / 4
         answer_ids = tokenizer.encode(answer, bos=False, eos=True)
-        real = int(mask[row].sum())
-        assert real == 1 + prompt_len + len(answer_ids)
+        real = 1 + prompt_len + len(answer_ids)
+        reals.append(real)
         assert (labels[row, :1 + prompt_len] == -100).all()
         assert labels[row, 1 + prompt_len:real].tolist() == answer_ids
-        assert (labels[row, real:] == -100).all() and (mask[row, real:] == 0).all()
+        assert (labels[row, real:] == -100).all()  # right padding: causal attention keeps it from real tokens
         # the answer's embeddings are the LLaMA's own token embeddings
         assert torch.equal(embeds[row, 1 + prompt_len:real], model.llama.embed.weight[answer_ids])
-    assert weights.shape == (2, 4, 5)
-    assert tokens == int(mask.sum())  # the count train.py logs as tokens/s, read on the host
+    assert embeds.shape[1] == labels.shape[1] == max(reals) and weights.shape == (2, 4, 5)
+    assert tokens == sum(reals)  # the count train.py logs as tokens/s, counted on the host
+
+
+def test_training_rows_equal_the_generation_prompts_embedded_apart(tokenizer):
+    """One embedding lookup of the batch's ids gives each row the embeddings of its pieces, the
+    image spliced in at <ImageHere>; padding to a multiple (compiled training) changes no real token."""
+    model = tiny_unimed(tokenizer)
+    images, instructions = torch.randn(2, 3, 56, 56), ["[vqa] which side", "[vqa] is the heart round and dark"]
+    embeds, labels, weights, _ = model.training_inputs(images, instructions, ["left", "no"], "vqa")
+    image_embeds = model.encode_images(images, "vqa")[0]
+    for row, prompt in enumerate(model.embed_prompts(instructions, image_embeds, train=True)):
+        bos = model.embed_ids([tokenizer.bos_id])
+        assert torch.equal(embeds[row, :1 + len(prompt)], torch.cat([bos, prompt]))
+    model.pad_to = 64
+    padded, padded_labels, _, _ = model.training_inputs(images, instructions, ["left", "no"], "vqa")
+    assert padded.shape[1] == 64 and torch.equal(padded[:, :embeds.shape[1]], embeds)
+    assert torch.equal(padded_labels[:, :labels.shape[1]], labels) and (padded_labels[:, labels.shape[1]:] == -100).all()
 
 
 def test_gradients_reach_the_trainable_parts_only(tokenizer):

@@ -88,7 +88,7 @@ def plan_steps(model: UniMed, optimizer, batch, steps: int = 1, grad_accum: int 
         if isinstance(optimizer, AdamWInBackward):
             optimizer.grad_norm()
         else:
-            torch.nn.utils.clip_grad_norm_(trainable, float("inf"))
+            torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -180,8 +180,6 @@ def plan_memory(config: UniMedConfig, llama: LlamaConfig, vit: EVAConfig, *, dty
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(seen)
         optimizer = make_optimizer(model, 1e-6, (0.9, 0.95), low_memory)
-        for group in optimizer.param_groups if not low_memory else []:
-            group["foreach"] = True  # AdamW's choice for CUDA tensors; a fake tensor does not qualify
         plan_steps(model, optimizer, plan_batch(batch_size, vit.img_size, text_tokens, device), steps, grad_accum,
                    mem.phase)
         # What has a name: the weights, gradients and moments; anything else live at the peak was a

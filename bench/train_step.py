@@ -15,7 +15,7 @@ autocast, as ours), the same base weights, the same 4 x 192 input embeddings, th
 
 Ops per step, at a tiny shape with the real structure (32 LLaMA blocks, 39 ViT blocks, 5 experts,
 batch 4 x 192 tokens, widths 64): `dispatched` counts every aten op a TorchDispatchMode sees after
-autograd (lib/ops.py), `kernel ops` those of them that launch work (not views, metadata or bare
+autograd (workshop/ops.py), `kernel ops` those of them that launch work (not views, metadata or bare
 allocations); compiled code cannot be watched by a dispatch mode, so `kernels` counts from
 torch.profiler, the same way for eager and compiled: innermost aten ops that launch work (inductor's
 extern calls, e.g. its matrix products, included) plus inductor's generated kernels, a multi-tensor
@@ -43,7 +43,7 @@ from workshop import plan as planner  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 from lib.compiled import compile_for_training  # noqa: E402
-from lib.ops import OpCounter, profiled_kernels  # noqa: E402
+from workshop.ops import OpCounter, profiled_kernels  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import Llama, LlamaConfig, UniMedConfig  # noqa: E402
 from vision import EVAConfig  # noqa: E402

@@ -85,7 +85,7 @@ def test_the_book_imports_no_cycle():
 
 def test_every_workshop_command_runs_as_a_module_and_is_in_the_readme():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    helpers = {"plot", "hf"}  # drawing and HF-format writing, used by the commands
+    helpers = {"plot", "hf", "ops"}  # drawing, HF-format writing, op counting: used by the commands and bench
     for name in WORKSHOP:
         source = open(os.path.join(ROOT, "workshop", f"{name}.py")).read()
         if name in helpers:

@@ -21,7 +21,7 @@ import data
 from lib.checkpoint import FORMAT
 from workshop import demo as workshop_demo
 from lib import files
-from lib.ops import OpCounter
+from workshop.ops import OpCounter
 import train
 from model import UniMed
 from workshop.demo import build_demo

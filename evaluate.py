@@ -113,7 +113,7 @@ def answer_batch(model: UniMed, samples: list, compile: bool = False,
     `official_prompt`: two BOS)."""
     batch = data.collate(samples, image_size=model.image_size)
     if batch.images is not None:
-        batch.images = batch.images.to(next(model.parameters()).device)
+        batch = batch._replace(images=batch.images.to(next(model.parameters()).device))
     return batch, model.generate(batch.images, batch.instructions, batch.task, max_new_tokens=MAX_NEW_TOKENS,
                                  compile=compile, official_prompt=official_prompt)
 

@@ -1,4 +1,4 @@
-"""torch.compile for training (train.py --compile): the LLaMA block by block, and the frozen ViT.
+"""torch.compile for training (train.py --compile): the LLaMA block by block, the connector, the ViT.
 
 At batch 4 x ~192 tokens every matrix product is small, and an eager step is thousands of kernels
 the host dispatches one at a time (a LLaMA block with its seven LoRA layers: ~290 kernels a step):

@@ -227,6 +227,18 @@ def evaluate(ckpt_path: str, data_root: Optional[str] = None, names: Optional[li
     return results
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that load a checkpoint and decode with it (also workshop/ask.py's)."""
+    p.add_argument("--llama", help="HF LLaMA-2 directory (default: the one recorded in the checkpoint)")
+    p.add_argument("--vit", help="EVA ViT-g .safetensors (default: the one recorded in the checkpoint)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA graphs on a GPU): same answers, faster decoding")
+    p.add_argument("--official-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt with two BOS as the official eval scripts do, or one as in training "
+                        "(default: two for an official checkpoint_N.pth, one for ours)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,16 +249,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int,
                    help=f"generation batch (default {GPU_BATCH_SIZE} on GPU as official, {CPU_BATCH_SIZE} on CPU)")
     p.add_argument("--out", help="output directory (default: eval_<checkpoint stem>/ beside the checkpoint)")
-    p.add_argument("--llama", help="HF LLaMA-2 directory (default: the one recorded in the checkpoint)")
-    p.add_argument("--vit", help="EVA ViT-g .safetensors (default: the one recorded in the checkpoint)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--meteor-data", metavar="DIR", help="METEOR 1.5's data: the folder of meteor-1.5.jar and "
                    "data/paraphrase-en.gz (default: $METEOR_DATA, else the installed pycocoevalcap's)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CUDA graphs on a GPU): same answers, faster decoding")
-    p.add_argument("--official-prompt", action=argparse.BooleanOptionalAction, default=None,
-                   help="prompt with two BOS as the official eval scripts do, or one as in training "
-                        "(default: two for an official checkpoint_N.pth, one for ours)")
+    add_model_flags(p)
     args = p.parse_args(argv)
     if args.meteor_data:
         os.environ["METEOR_DATA"] = args.meteor_data  # where meteor.meteor_data() looks first

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 import data
 import metrics
 from cmoe import token_of_patch
-from evaluate import answer_batch, prompt_note, which_prompt
+from evaluate import add_model_flags, answer_batch, prompt_note, which_prompt
 from lib.checkpoint import read_checkpoint
 from lib.files import image_error, require_file
 from model import UniMed, build_prompt
@@ -226,13 +226,7 @@ def main(argv=None):
                    help="the task of untagged questions (default vqa); [identify] asks about a box "
                         "{<x1><y1><x2><y2>} on the 0-100 grid of the image")
     p.add_argument("--out", help="folder of the pictures (default: ask_<checkpoint stem>/ beside the checkpoint)")
-    p.add_argument("--llama", help="HF LLaMA-2 directory (default: the one recorded in the checkpoint)")
-    p.add_argument("--vit", help="EVA ViT-g .safetensors (default: the one recorded in the checkpoint)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step: same answers, faster")
-    p.add_argument("--official-prompt", action=argparse.BooleanOptionalAction, default=None,
-                   help="two BOS as the official eval scripts, or one as in training "
-                        "(default: two for an official checkpoint_N.pth, one for ours)")
+    add_model_flags(p)
     args = p.parse_args(argv)
     try:
         failed = ask_main(args)

@@ -527,9 +527,6 @@ class Mixture:
             self._orders[k] = (self.epoch[k], order)
         return order
 
-    def next_batch(self) -> list:
-        return [self.datasets[name].get(i, t) for name, i, t in self.draw()]
-
     def draw(self) -> list[tuple]:
         """The next batch's (dataset, row, template) triples: all the sampler's randomness and state."""
         k = int(torch.multinomial(self.weights, 1, generator=self.generator))

@@ -222,10 +222,15 @@ class Fake:
         return (self.name, i, template)
 
 
+def next_batch(mix):
+    """The samples of the mixture's next draw, as train.py's workers make them."""
+    return [mix.datasets[name].get(i, t) for name, i, t in mix.draw()]
+
+
 def test_mixture_proportions_follow_the_ratios():
     sets = {n: Fake(n, 40) for n in data.RATIOS}
     mix = data.Mixture(sets, data.RATIOS, batch_size=4, seed=1)
-    counts = Counter(mix.next_batch()[0][0] for _ in range(20000))
+    counts = Counter(next_batch(mix)[0][0] for _ in range(20000))
     total = sum(data.RATIOS.values())
     for name, ratio in data.RATIOS.items():
         assert abs(counts[name] / 20000 - ratio / total) < 0.01, (name, counts[name])
@@ -233,7 +238,7 @@ def test_mixture_proportions_follow_the_ratios():
 
 def test_mixture_epochs_without_replacement_and_uniform_templates():
     mix = data.Mixture({"medqa": Fake("medqa", 10, templates=2)}, {"medqa": 1}, batch_size=4, seed=0)
-    epochs = [[b for _ in range(2) for b in mix.next_batch()] for _ in range(50)]  # 10 // 4 = 2 batches
+    epochs = [[b for _ in range(2) for b in next_batch(mix)] for _ in range(50)]  # 10 // 4 = 2 batches
     for seen in epochs:
         assert len({i for _, i, _ in seen}) == 8  # drop_last: 8 distinct of 10 per epoch
     assert len({tuple(i for _, i, _ in e) for e in epochs}) > 40  # reshuffled every epoch
@@ -247,16 +252,16 @@ def test_mixture_resumes_exactly(demo, tmp_path):
     key = lambda batch: [(s.id, s.instruction, s.answer) for s in batch]
     a = run()
     for _ in range(400):  # MedQA's 12 batches take 2/50 of the draws: an epoch ends by draw ~300
-        a.next_batch()
+        next_batch(a)
     assert max(a.state_dict()["epoch"]) >= 1  # the resume point lies past an epoch boundary
     torch.save(a.state_dict(), tmp_path / "mix.pt")
-    expected = [key(a.next_batch()) for _ in range(60)]
+    expected = [key(next_batch(a)) for _ in range(60)]
     b = run()
     b.load_state_dict(torch.load(tmp_path / "mix.pt", weights_only=True))
-    assert [key(b.next_batch()) for _ in range(60)] == expected
+    assert [key(next_batch(b)) for _ in range(60)] == expected
     assert len({batch[0][0].split("/")[0] for batch in expected}) > 5  # many datasets took part
     fresh = run()
-    assert [key(fresh.next_batch()) for _ in range(5)] != expected[:5]
+    assert [key(next_batch(fresh)) for _ in range(5)] != expected[:5]
     with pytest.raises(ValueError, match="'seed' is 7 in the checkpoint but 8"):
         data.Mixture(data.load_datasets(demo, "train"), data.RATIOS, seed=8).load_state_dict(a.state_dict())
 
@@ -264,7 +269,7 @@ def test_mixture_resumes_exactly(demo, tmp_path):
 def test_mixture_batches_come_from_one_dataset(demo):
     mix = data.Mixture(data.load_datasets(demo, "train"), data.RATIOS, batch_size=4, seed=3)
     for _ in range(30):
-        batch = mix.next_batch()
+        batch = next_batch(mix)
         assert len({s.task for s in batch}) == 1 and len(batch) == 4
 
 

@@ -359,16 +359,20 @@ HF_KEYS = [
 ]
 
 
+def translate(key: str, src: int) -> Optional[str]:
+    """`key` mapped through HF_KEYS from column `src` (0: official, 1: ours) to the other; None if no row fits."""
+    for row in HF_KEYS:
+        m = re.fullmatch(re.escape(row[src]).replace(r"\{i\}", r"(\d+)"), key)
+        if m:
+            return row[1 - src].replace("{i}", m.group(1)) if m.groups() else row[1 - src]
+    return None
+
+
 def hf_to_ours(key: str) -> Optional[str]:
-    """Our parameter name for an official key; None drops it. Unknown keys pass through unchanged,
-    so the loader reports them as unexpected tensors."""
+    """Our name for an official key; None drops it; an unknown key passes through (the loader names it)."""
     if key.endswith(".rotary_emb.inv_freq"):
         return None  # RoPE's constant frequencies, stored by some older checkpoints; we compute them
-    for hf, ours in HF_KEYS:
-        m = re.fullmatch(re.escape(hf).replace(r"\{i\}", r"(\d+)"), key)
-        if m:
-            return ours.replace("{i}", m.group(1)) if m.groups() else ours
-    return key
+    return translate(key, 0) or key
 
 
 # -------------------------------------------------------------------------------------------------

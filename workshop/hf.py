@@ -4,21 +4,19 @@ The demo's tiny LLaMA and the benchmarks' random ones are written this way, so t
 loader (model.Llama.from_pretrained) reads them exactly as it reads Llama-2-7b-chat-hf.
 """
 import os
-import re
 
 from safetensors.torch import save
 
 from lib.files import atomic, write_json
-from model import HF_KEYS, Llama, LlamaConfig
+from model import Llama, LlamaConfig, translate
 
 
 def ours_to_hf(name: str) -> str:
     """The official name of one of our parameter names (model.HF_KEYS read right to left)."""
-    for hf, ours in HF_KEYS:
-        m = re.fullmatch(re.escape(ours).replace(r"\{i\}", r"(\d+)"), name)
-        if m:
-            return hf.replace("{i}", m.group(1)) if m.groups() else hf
-    raise KeyError(f"parameter '{name}' has no official LLaMA name")
+    hf = translate(name, 1)
+    if hf is None:
+        raise KeyError(f"parameter '{name}' has no official LLaMA name")
+    return hf
 
 
 def hf_config(config: LlamaConfig) -> dict:

@@ -34,6 +34,7 @@ import data  # noqa: E402
 from lib.files import read_json, write_json  # noqa: E402
 from lib.checkpoint import checkpoint_data_root, read_checkpoint  # noqa: E402
 from model import UniMed  # noqa: E402
+from train import SCHEDULES  # noqa: E402
 
 CONFIGS = {  # Table 2(a): one connector, then Connector-MoE (5 experts) with each router as the paper ran it
     "linear": ["--connector", "linear"],
@@ -126,7 +127,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
-    p.add_argument("--iters", type=int, default=3000, help="training steps of every run (default: the demo's 3000)")
+    p.add_argument("--iters", type=int, default=SCHEDULES["demo"]["iters"],
+                   help=f"training steps of every run (default: the demo's {SCHEDULES['demo']['iters']})")
     p.add_argument("--batches", type=int, default=20, help="sampled batches per dataset for the tug-of-war index")
     p.add_argument("--out", default=os.path.join(ROOT, "ablation"), help="output folder (default ablation/)")
     args = p.parse_args()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import data
-from workshop.demo import DEMO_CHANCE, demo_texts, make_demo, sincos_2d, write_tokenizer
+import metrics
+from workshop.demo import DEMO_CHANCE, DEMO_CLAIMS, demo_texts, make_demo, sincos_2d, write_tokenizer
 from model import Tokenizer, build_prompt
 
 
@@ -495,7 +496,23 @@ def test_demo_train_and_test_are_disjoint(demo):
     # balanced classes, so chance is what DEMO_CHANCE says
     answers = Counter(test["dermamnist"][i].answer for i in range(18))
     assert sorted(answers.values()) == [6, 6, 6]
-    assert set(DEMO_CHANCE) == set(data.DATASETS)
+    assert set(DEMO_CHANCE) == set(data.DATASETS) == set(DEMO_CLAIMS)
+
+
+def test_demo_claims_chance_is_the_best_constant_answer(demo):
+    """The chance level each claim is measured from (DEMO_CLAIMS) is what always giving the most
+    frequent answer scores on the test split, with evaluate's own metrics (for the reports, the most
+    frequent training report). VQA's and REC's are structural: 2 answers per question, 4 quadrants."""
+    train = data.load_datasets(demo, "train", train=False)
+    test = data.load_datasets(demo, "test", train=False)
+    for name, (metric, chance, margin) in DEMO_CLAIMS.items():
+        refs = [test[name].get(i).answer for i in range(len(test[name]))]
+        if name in ("mimic_cxr", "medpix"):
+            constant = Counter(train[name].get(i).answer for i in range(len(train[name]))).most_common(1)[0][0]
+            records = [{"reference": r, "prediction": constant} for r in refs]
+            assert round(metrics.score_dataset("caption", records)[metric], 1) == chance, name
+        elif metric == "acc":
+            assert 100 * max(Counter(refs).values()) / len(refs) == pytest.approx(chance), name
 
 
 def test_demo_boxes_put_every_object_in_every_quadrant(demo):

@@ -70,11 +70,11 @@ def table(results: dict) -> tuple[list, list]:
             " | mean | min | max | chance | min - chance | claimed |",
             "|---" * (len(seeds) + 8) + "|"]
     missed = []
-    for name, (metric, chance, margin) in DEMO_CLAIMS.items():
+    for name, (metric, chance, margin, _) in DEMO_CLAIMS.items():
         scores = [results[s][name]["metrics"][metric] for s in seeds]
         missed += [(name, s, x) for s, x in zip(seeds, scores) if not x > chance + margin]
         cells = [f"{x:.1f}" for x in scores] + [f"{statistics.mean(scores):.1f}", f"{min(scores):.1f}",
-                                                 f"{max(scores):.1f}", f"{chance:g}", f"{min(scores) - chance:+.1f}",
+                                                 f"{max(scores):.1f}", f"{chance:.1f}", f"{min(scores) - chance:+.1f}",
                                                  f"+{margin:g}"]
         rows.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
     return rows, missed

@@ -13,7 +13,7 @@ import torch
 
 import data
 import metrics
-from workshop.demo import DEMO_CHANCE, DEMO_CLAIMS, demo_texts, make_demo, sincos_2d, write_tokenizer
+from workshop.demo import DEMO_CLAIMS, demo_texts, make_demo, sincos_2d, write_tokenizer
 from model import Tokenizer, build_prompt
 
 
@@ -493,10 +493,7 @@ def test_demo_train_and_test_are_disjoint(demo):
         else:
             pixels = lambda ss: {hashlib.sha256(s.image.tobytes()).hexdigest() for s in ss}
             assert not pixels(a) & pixels(b), name
-    # balanced classes, so chance is what DEMO_CHANCE says
-    answers = Counter(test["dermamnist"][i].answer for i in range(18))
-    assert sorted(answers.values()) == [6, 6, 6]
-    assert set(DEMO_CHANCE) == set(data.DATASETS) == set(DEMO_CLAIMS)
+    assert set(DEMO_CLAIMS) == set(data.DATASETS)
 
 
 def test_demo_claims_chance_is_the_best_constant_answer(demo):
@@ -505,7 +502,7 @@ def test_demo_claims_chance_is_the_best_constant_answer(demo):
     frequent training report). VQA's and REC's are structural: 2 answers per question, 4 quadrants."""
     train = data.load_datasets(demo, "train", train=False)
     test = data.load_datasets(demo, "test", train=False)
-    for name, (metric, chance, margin) in DEMO_CLAIMS.items():
+    for name, (metric, chance, _, _) in DEMO_CLAIMS.items():
         refs = [test[name].get(i).answer for i in range(len(test[name]))]
         if name in ("mimic_cxr", "medpix"):
             constant = Counter(train[name].get(i).answer for i in range(len(train[name]))).most_common(1)[0][0]

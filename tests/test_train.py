@@ -168,16 +168,21 @@ def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
 
 
-@pytest.mark.parametrize("flags", [[], ["--low-memory"]], ids=["standard", "low-memory"])
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp_path, flags):
+def nan_loss_at_step(monkeypatch, step: int) -> None:
+    """UniMed.forward returns a NaN loss on its `step`-th call (one call per step: no accumulation)."""
     calls = {"n": 0}
     forward = UniMed.forward
 
-    def nan_on_third_step(self, *args, **kwargs):
+    def nan_at(self, *args, **kwargs):
         loss, weights, tokens = forward(self, *args, **kwargs)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 3 else loss), weights, tokens
-    monkeypatch.setattr(UniMed, "forward", nan_on_third_step)
+        return (loss * float("nan") if calls["n"] == step else loss), weights, tokens
+    monkeypatch.setattr(UniMed, "forward", nan_at)
+
+
+@pytest.mark.parametrize("flags", [[], ["--low-memory"]], ids=["standard", "low-memory"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp_path, flags):
+    nan_loss_at_step(monkeypatch, 3)
     with pytest.raises(SystemExit, match=r"loss is nan at step 3 \(task '\w+'"):
         run("--iters", "6", "--save-every", "2", *flags)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -186,14 +191,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, tmp
 
 
 def test_nan_between_log_steps_stops_at_the_next_read_before_a_save(run, monkeypatch, tmp_path):
-    calls = {"n": 0}
-    forward = UniMed.forward
-
-    def nan_on_fifth_step(self, *args, **kwargs):
-        loss, weights, tokens = forward(self, *args, **kwargs)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 5 else loss), weights, tokens
-    monkeypatch.setattr(UniMed, "forward", nan_on_fifth_step)
+    nan_loss_at_step(monkeypatch, 5)
     with pytest.raises(SystemExit, match=r"loss is nan at step 5 \(task '\w+'"):
         run("--iters", "12", "--log-every", "10", "--save-every", "3")  # read at step 6, a save step
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)

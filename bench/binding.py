@@ -40,22 +40,26 @@ def token_quadrant(t: int) -> int:
     return t % 2 + 2 * int(t // 2 >= 4)
 
 
-def probe(x_train, y_train, x_test, y_test, steps=300) -> float:
-    """Test accuracy (%) of a logistic regression on standardised features."""
+def fit(x_train, y_train, steps=300, weight_decay=1e-3):
+    """A logistic regression on standardised features -> (its classes, the logits it gives new x)."""
     classes = sorted(set(y_train))
-    y_train = torch.tensor([classes.index(c) for c in y_train])
-    y_test = torch.tensor([classes.index(c) if c in classes else -1 for c in y_test])
+    y = torch.tensor([classes.index(c) for c in y_train])
     mean, std = x_train.mean(0), x_train.std(0) + 1e-5
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     torch.manual_seed(0)
     linear = torch.nn.Linear(x_train.shape[1], len(classes))
-    opt = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-3)
+    opt = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=weight_decay)
     for _ in range(steps):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(linear(x_train), y_train).backward()
+        torch.nn.functional.cross_entropy(linear((x_train - mean) / std), y).backward()
         opt.step()
-    with torch.no_grad():
-        return 100.0 * (linear(x_test).argmax(1) == y_test).float().mean().item()
+    return classes, lambda x: linear((x - mean) / std).detach()
+
+
+def probe(x_train, y_train, x_test, y_test) -> float:
+    """Test accuracy (%) of a logistic regression fitted on the training states."""
+    classes, logits = fit(x_train, y_train)
+    y_test = torch.tensor([classes.index(c) if c in classes else -1 for c in y_test])
+    return 100.0 * (logits(x_test).argmax(1) == y_test).float().mean().item()
 
 
 class Recorder:
@@ -146,17 +150,8 @@ def report(name: str, train: dict, test: dict, blocks: int, heads: int) -> None:
         x_train, held_train, _ = token_rows(train, "vit")
         x_test, held_test, _ = token_rows(test, "vit")
         for target in sorted(set(held_train) - {"none"}):  # one query vector: one-vs-rest, the top token
-            y = torch.tensor([h == target for h in held_train]).float()
-            mean, std = x_train.mean(0), x_train.std(0) + 1e-5
-            torch.manual_seed(0)
-            linear = torch.nn.Linear(x_train.shape[1], 1)
-            opt = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-4)
-            for _ in range(500):
-                opt.zero_grad()
-                torch.nn.functional.binary_cross_entropy_with_logits(linear((x_train - mean) / std)[:, 0], y).backward()
-                opt.step()
-            with torch.no_grad():
-                scores = linear((x_test - mean) / std)[:, 0].view(-1, TOKENS)
+            _, logits = fit(x_train, [h == target for h in held_train], steps=500, weight_decay=1e-4)
+            scores = (logits(x_test) @ torch.tensor([-1.0, 1.0])).view(-1, TOKENS)  # True's logit - False's
             is_target = torch.tensor([h == target for h in held_test]).view(-1, TOKENS)
             top = is_target.gather(1, scores.argmax(1, keepdim=True)).float().mean().item()
             print(f"  one linear score over the frozen ViT's tokens ranks a {target} token first in {100 * top:.0f}% of test images")

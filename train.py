@@ -52,7 +52,7 @@ SCHEDULES = {
     "official": dict(iters=50_000, lr=1e-5, warmup=5_000, warmup_lr=1e-6, min_lr=1e-5, cosine=False,
                      betas=(0.9, 0.999)),
     # the built-in demo: tiny models learn in minutes only with a far larger lr and few steps
-    "demo": dict(iters=4500, lr=1e-3, warmup=20, warmup_lr=0.0, min_lr=1e-4, cosine=True,
+    "demo": dict(iters=5000, lr=1e-3, warmup=20, warmup_lr=0.0, min_lr=1e-4, cosine=True,
                  betas=(0.9, 0.95)),
 }
 

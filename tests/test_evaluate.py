@@ -459,7 +459,7 @@ def test_official_checkpoints_get_the_official_prompt_by_default(demo, tmp_path,
 
 @pytest.mark.slow
 def test_full_demo_scores_above_chance(tmp_path, monkeypatch):
-    """README command 1 as it runs (the default seed, the demo's 4500 steps, ~8 min on 2 cores), then the
+    """README command 1 as it runs (the default seed, the demo's 5000 steps, ~9 min on 2 cores), then the
     evaluation: every dataset beats its chance level by the margin the README claims
     (demo.DEMO_CLAIMS), the least lead over chance of the 10 seeds of docs/demo.md's table."""
     monkeypatch.setattr(evaluate, "MAX_NEW_TOKENS", 100)  # the official length, not short_answers' 8

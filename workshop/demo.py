@@ -341,10 +341,10 @@ DEMO_DIR = "demo"
 DEMO_LLAMA = dict(dim=192, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=512, vocab_size=640, max_seq_len=512)
 DEMO_EVA = EVAConfig(img_size=112, patch_size=14, width=96, depth=2, num_heads=4, mlp_dim=384)
 # The demo's task mixture: the official ratios would spend a third of the steps on captions the tiny
-# model writes perfectly within a few hundred, and too few on REC and REG (binding a named object
-# to its region), the skills it learns last and only with ~1500 steps of their own (docs/demo.md).
-DEMO_RATIOS = {"medqa": 1, "pubmedqa": 1, "slake_vqa": 4, "path_vqa": 3, "slake_rec": 14, "slake_reg": 10,
-               "sa_med2d_rec": 14, "sa_med2d_reg": 10, "medpix": 4, "mimic_cxr": 3, "medmnist": 6}
+# model writes perfectly within a few hundred, and too few on the skills it learns last: REC and REG
+# (binding a named object to its region; ~1900 and ~1270 of the 5000 steps here), then VQA (docs/demo.md).
+DEMO_RATIOS = {"medqa": 2, "pubmedqa": 2, "slake_vqa": 6, "path_vqa": 5, "slake_rec": 15, "slake_reg": 10,
+               "sa_med2d_rec": 15, "sa_med2d_reg": 10, "medpix": 4, "mimic_cxr": 3, "medmnist": 7}
 DEMO_PRETRAIN = dict(steps=300, batch=16, block=96, lr=3e-3)  # next-token pre-training of the LLaMA
 
 

@@ -1,6 +1,6 @@
 """What the demo learns, over many seeds: README command 1 with --seed S, then its evaluation.
 
-    python bench/seeds.py                          # the 10 seeds of docs/demo.md's table (~40 min on 2 cores)
+    python bench/seeds.py                          # the 10 seeds of docs/demo.md's table (~45 min on 2 cores)
     python bench/seeds.py --seeds 42,7 --jobs 1    # a quick look
     python bench/seeds.py --low-memory             # any further flag goes to train.py
 

@@ -40,6 +40,9 @@ def token_quadrant(t: int) -> int:
     return t % 2 + 2 * int(t // 2 >= 4)
 
 
+QUADRANT_TOKENS = {q: [t for t in range(TOKENS) if token_quadrant(t) == q] for q in range(4)}
+
+
 def fit(x_train, y_train, steps=300, weight_decay=1e-3):
     """A logistic regression on standardised features -> (its classes, the logits it gives new x)."""
     classes = sorted(set(y_train))
@@ -155,14 +158,14 @@ def report(name: str, train: dict, test: dict, blocks: int, heads: int) -> None:
             is_target = torch.tensor([h == target for h in held_test]).view(-1, TOKENS)
             top = is_target.gather(1, scores.argmax(1, keepdim=True)).float().mean().item()
             print(f"  one linear score over the frozen ViT's tokens ranks a {target} token first in {100 * top:.0f}% of test images")
+    def share(weights, quadrants) -> float:
+        """Mean attention weight on the tokens of each sample's given quadrant."""
+        return sum(w[QUADRANT_TOKENS[q]].sum().item() for w, q in zip(weights, quadrants)) / len(weights)
     for L in range(blocks):
         cells = []
         for h in range(heads):
             weights = [a[L, h] for a in test["attention"]]
-            mine = sum(w[[t for t in range(TOKENS) if token_quadrant(t) == q]].sum().item()
-                       for w, q in zip(weights, test["quadrant"])) / len(weights)
-            theirs = sum(w[[t for t in range(TOKENS) if token_quadrant(t) == q]].sum().item()
-                         for w, q in zip(weights, test["other_quadrant"])) / len(weights)
+            mine, theirs = share(weights, test["quadrant"]), share(weights, test["other_quadrant"])
             image = sum(w.sum().item() for w in weights) / len(weights)
             cells.append(f"h{h} {image:.2f} = {mine:.2f} + {theirs:.2f} + ...")
         print(f"  attention from the decisive position, block {L + 1} (image = answer's quadrant + other object's + rest): "
